@@ -1,0 +1,43 @@
+# megatron-mimo: `make train` runs the main job, `make test` runs the test suite.
+# Both create .venv (Python >= 3.12) on first use; later calls reuse it (stamp file).
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+NPROC     ?= 4
+CONFIG    ?= tiny_cpu
+ARGS      ?=
+PYTEST_ARGS ?=
+
+.PHONY: install train test test-fast lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/find_python.sh
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  PYBIN=$$(scripts/find_python.sh); \
+	  echo "creating $(VENV) with $$PYBIN"; \
+	  "$$PYBIN" -m venv $(VENV); \
+	fi; \
+	echo "installing megatron-mimo and its test deps into $(VENV) (first time: a few minutes)"; \
+	$(PY) -m pip install --disable-pip-version-check -e '.[test,dev]' > $(VENV)/pip.log 2>&1 \
+	  || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }; \
+	$(PY) -c "import torch, megatron.core, megatron_mimo" ; \
+	touch $(STAMP)
+
+train: $(STAMP)
+	TORCHDYNAMO_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+	  examples/pretrain_hetero_mimo.py --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q -m "not dist and not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check megatron_mimo tests examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,345 @@
+"""Nested dataclass configuration for megatron-mimo, plus presets.
+
+No torch import here: the CLI, presets and validation run in a bare interpreter. Every field
+carries a docstring (the string under it); the CLI turns those into ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_mimo.errors import ConfigError
+from megatron_mimo.layout import BranchSpec, check_batch_split, check_layout
+
+IMAGES = "images"
+LANGUAGE = "language"
+BRANCHES = (IMAGES, LANGUAGE)
+
+ENCODER_KINDS = ("vit", "radio")
+LANGUAGE_KINDS = ("gpt", "mamba_hybrid")
+DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _require_positive(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        _require(isinstance(value, int) and value >= 1, f"{owner}.{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class ParallelismConfig:
+    """Where one branch lives and how it is split: ranks [offset, offset + tp*dp*pp)."""
+
+    tp: int = 1
+    """Tensor-parallel size of the branch."""
+    dp: int = 1
+    """Data-parallel size of the branch."""
+    pp: int = 1
+    """Pipeline-parallel size of the branch (the images branch must use 1)."""
+    offset: int = 0
+    """First global rank of the branch."""
+
+    def __post_init__(self) -> None:
+        _require_positive("parallelism", tp=self.tp, dp=self.dp, pp=self.pp)
+        _require(self.offset >= 0, f"parallelism.offset must be >= 0, got {self.offset}")
+
+    def spec(self, name: str) -> BranchSpec:
+        """This layout as a named :class:`BranchSpec`."""
+        return BranchSpec(name=name, tp=self.tp, dp=self.dp, pp=self.pp, rank_offset=self.offset)
+
+
+@dataclass(frozen=True)
+class EncoderModelConfig:
+    """Image encoder (ViT or RADIO) and its projector into the language hidden size."""
+
+    kind: str = "vit"
+    """Encoder family: 'vit' (CLIP-style ViT) or 'radio'."""
+    num_layers: int = 2
+    """Transformer layers in the encoder."""
+    hidden_size: int = 64
+    """Encoder hidden size."""
+    num_attention_heads: int = 4
+    """Encoder attention heads."""
+    ffn_hidden_size: int = 128
+    """Encoder MLP hidden size."""
+    image_size: int = 32
+    """Square input image side in pixels."""
+    patch_size: int = 8
+    """Square patch side in pixels."""
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ENCODER_KINDS, f"encoder.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
+        _require_positive(
+            "encoder", num_layers=self.num_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
+            image_size=self.image_size, patch_size=self.patch_size,
+        )
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"encoder.hidden_size {self.hidden_size} must divide by num_attention_heads {self.num_attention_heads}")
+        _require(self.image_size % self.patch_size == 0,
+                 f"encoder.image_size {self.image_size} must divide by patch_size {self.patch_size}")
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per image (without class token)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class LanguageModelConfig:
+    """Language model (GPT or Mamba hybrid) and the text sequence it reads."""
+
+    kind: str = "gpt"
+    """Language family: 'gpt' or 'mamba_hybrid'."""
+    num_layers: int = 2
+    """Transformer (or hybrid) layers in the language model."""
+    hidden_size: int = 64
+    """Language hidden size."""
+    num_attention_heads: int = 4
+    """Language attention heads."""
+    ffn_hidden_size: int = 128
+    """Language MLP hidden size."""
+    vocab_size: int = 256
+    """Vocabulary size (the image placeholder token is vocab_size - 1)."""
+    seq_length: int = 48
+    """Tokens per sample, image placeholder tokens included."""
+    hybrid_pattern: str = "M*M-"
+    """Mamba-hybrid layer pattern: M = Mamba, * = attention, - = MLP (mamba_hybrid only)."""
+
+    def __post_init__(self) -> None:
+        _require(self.kind in LANGUAGE_KINDS, f"language.kind must be one of {LANGUAGE_KINDS}, got {self.kind!r}")
+        _require_positive(
+            "language", num_layers=self.num_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
+            vocab_size=self.vocab_size, seq_length=self.seq_length,
+        )
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"language.hidden_size {self.hidden_size} must divide by num_attention_heads {self.num_attention_heads}")
+        _require(set(self.hybrid_pattern) <= set("M*-") and self.hybrid_pattern != "",
+                 f"language.hybrid_pattern may hold only 'M', '*', '-', got {self.hybrid_pattern!r}")
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id that marks where image embeddings go."""
+        return self.vocab_size - 1
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings; the images branch may have its own learning rate."""
+
+    lr: float = 1e-3
+    """Peak learning rate of the language branch (and of the images branch unless --encoder-lr)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of decay."""
+    encoder_lr: float | None = None
+    """Peak learning rate of the images branch; None = same as --lr."""
+    encoder_min_lr: float | None = None
+    """Final learning rate of the images branch; None = same as --min-lr."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip over both branches (0 disables)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
+            _require(getattr(self, name) >= 0, f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.min_lr <= self.lr, f"optimizer.min_lr {self.min_lr} must be <= lr {self.lr}")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+                 f"optimizer betas must lie in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+
+    def branch_lr(self, branch: str) -> tuple[float, float]:
+        """(peak, final) learning rate of a branch."""
+        if branch == IMAGES:
+            peak = self.lr if self.encoder_lr is None else self.encoder_lr
+            final = self.min_lr if self.encoder_min_lr is None else self.encoder_min_lr
+            return peak, final
+        return self.lr, self.min_lr
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Learning-rate schedule shared by both branches' OptimizerParamSchedulers."""
+
+    lr_warmup_iters: int = 0
+    """Iterations of linear warmup from 0."""
+    lr_decay_iters: int | None = None
+    """Iterations over which to decay; None = --train-iters."""
+    lr_decay_style: str = "cosine"
+    """Decay style: constant, linear or cosine."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr_decay_style in DECAY_STYLES,
+                 f"scheduler.lr_decay_style must be one of {DECAY_STYLES}, got {self.lr_decay_style!r}")
+        _require(self.lr_warmup_iters >= 0, f"scheduler.lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Batch sizes, length of the run and evaluation cadence."""
+
+    micro_batch_size: int = 2
+    """Samples per micro-batch on one language DP rank."""
+    global_batch_size: int = 4
+    """Samples per iteration over the whole job."""
+    train_iters: int = 30
+    """Iterations to train."""
+    seed: int = 1234
+    """Random seed (weights, data, dropout)."""
+    eval_interval: int = 0
+    """Run evaluation every N iterations (0 disables)."""
+    eval_iters: int = 2
+    """Batches per evaluation."""
+    exit_interval: int | None = None
+    """Stop after the iteration that is a multiple of N."""
+
+    def __post_init__(self) -> None:
+        _require_positive("training", micro_batch_size=self.micro_batch_size,
+                          global_batch_size=self.global_batch_size, train_iters=self.train_iters)
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"training.global_batch_size {self.global_batch_size} must divide by micro_batch_size {self.micro_batch_size}")
+        _require(self.eval_interval >= 0, f"training.eval_interval must be >= 0, got {self.eval_interval}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where to save and load checkpoints and what to include."""
+
+    save: str | None = None
+    """Directory to save checkpoints to."""
+    load: str | None = None
+    """Directory to load a checkpoint from."""
+    save_interval: int | None = None
+    """Save every N iterations (a checkpoint is always written at the last iteration)."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval is None or self.save_interval >= 1,
+                 f"checkpoint.save_interval must be >= 1, got {self.save_interval}")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What is printed and where metrics go."""
+
+    log_interval: int = 1
+    """Print a training line every N iterations."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars here (needs the 'tb' extra)."""
+    log_level: str = "INFO"
+    """Python logging level."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval >= 1, f"logging.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass(frozen=True)
+class MimoConfig:
+    """The whole job: both branches' layout and models, optimizer, schedule, training, I/O."""
+
+    encoder_parallel: ParallelismConfig = field(default_factory=ParallelismConfig)
+    """Layout of the images branch."""
+    language_parallel: ParallelismConfig = field(default_factory=lambda: ParallelismConfig(offset=1))
+    """Layout of the language branch."""
+    encoder: EncoderModelConfig = field(default_factory=EncoderModelConfig)
+    """Image encoder model."""
+    language: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    """Language model."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    name: str = "custom"
+    """Preset the config started from."""
+
+    def __post_init__(self) -> None:
+        _require(self.encoder_parallel.pp == 1,
+                 f"the images branch supports pp=1 only, got --encoder-pp {self.encoder_parallel.pp}")
+        specs = self.branch_specs()
+        check_layout(specs, self.world_size)
+        check_batch_split(specs, self.training.global_batch_size, self.job_micro_batch)
+        self._validate_model_split()
+
+    def parallel(self, branch: str) -> ParallelismConfig:
+        """Layout of a branch by name."""
+        return {IMAGES: self.encoder_parallel, LANGUAGE: self.language_parallel}[branch]
+
+    def branch_specs(self) -> list[BranchSpec]:
+        """Both branches as BranchSpecs, images first (the order every rank builds groups in)."""
+        return [self.parallel(name).spec(name) for name in BRANCHES]
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the job needs: both branches side by side."""
+        return max(s.rank_offset + s.num_ranks for s in self.branch_specs())
+
+    @property
+    def job_micro_batch(self) -> int:
+        """Samples one micro-step consumes job-wide: micro_batch_size x language dp."""
+        return self.training.micro_batch_size * self.language_parallel.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-steps per iteration (gradient accumulation)."""
+        return self.training.global_batch_size // self.job_micro_batch
+
+    def branch_micro_batch(self, branch: str) -> int:
+        """Samples per micro-step on one DP rank of ``branch``."""
+        return self.job_micro_batch // self.parallel(branch).dp
+
+    def _validate_model_split(self) -> None:
+        for branch, model in ((IMAGES, self.encoder), (LANGUAGE, self.language)):
+            tp = self.parallel(branch).tp
+            _require(model.num_attention_heads % tp == 0, (
+                f"{branch} branch: num_attention_heads {model.num_attention_heads} must divide by tp {tp}"))
+            _require(model.ffn_hidden_size % tp == 0, (
+                f"{branch} branch: ffn_hidden_size {model.ffn_hidden_size} must divide by tp {tp}"))
+        _require(self.language.seq_length > self.encoder.num_patches, (
+            f"language.seq_length {self.language.seq_length} must exceed the image tokens per sample "
+            f"({self.encoder.num_patches})"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for logs and checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MimoConfig:
+        """Inverse of :meth:`to_dict`."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            section_type = SECTION_TYPES.get(f.name)
+            kwargs[f.name] = section_type(**value) if section_type else value
+        return cls(**kwargs)
+
+
+SECTION_TYPES: dict[str, type] = {
+    "encoder_parallel": ParallelismConfig,
+    "language_parallel": ParallelismConfig,
+    "encoder": EncoderModelConfig,
+    "language": LanguageModelConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}

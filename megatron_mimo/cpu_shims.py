@@ -1,0 +1,180 @@
+"""CPU compatibility shims for megatron-core 0.19.2: every CUDA assumption we hit, in one place.
+
+megatron-core assumes CUDA in places that run on every step (grad buffers, optimizer, bridge).
+On a machine without a GPU each shim below turns one class of assumption into its CPU
+equivalent. Each is small, named, lists the megatron-core lines it covers, and is applied only
+by :func:`megatron_mimo.runtime.init_distributed` when the chosen device is the CPU (never with a
+GPU). :func:`apply_cpu_shims` is idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shim:
+    """A named CPU workaround and the megatron-core 0.19.2 lines (``file:line``) it covers."""
+
+    name: str
+    covers: tuple[str, ...]
+    apply: Callable[[], None]
+
+
+_APPLIED: set[str] = set()
+
+
+def _current_device_is_cpu() -> None:
+    """``torch.cuda.current_device()`` is used as a device; on CPU it must name the CPU."""
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+
+class _NullStream:
+    """Stands in for a CUDA stream: all ordering is already sequential on the CPU."""
+
+    def wait_event(self, event: Any) -> None:
+        """CPU work is synchronous; nothing to wait for."""
+
+    def wait_stream(self, stream: Any) -> None:
+        """CPU work is synchronous; nothing to wait for."""
+
+    def synchronize(self) -> None:
+        """CPU work is synchronous; nothing to wait for."""
+
+
+def _cuda_streams_are_noops() -> None:
+    """Streams and synchronize are ordering tools that are no-ops on the CPU."""
+    null_stream = _NullStream()
+    torch.cuda.current_stream = lambda device=None: null_stream  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+
+_CUDA_TYPE_NAMES = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, str) and device.startswith("cuda")
+
+
+class CudaLiteralsToCpu(TorchFunctionMode):
+    """Rewrites the CUDA spellings megatron-core hard-codes into their CPU meaning.
+
+    * ``device="cuda"`` on factory calls -> the CPU;
+    * ``Tensor.cuda()`` -> the tensor itself;
+    * ``Tensor.type()`` of a CPU float tensor -> ``torch.cuda.FloatTensor`` (the optimizer
+      accepts only the CUDA type names as "fp32 parameter").
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(result, result)
+        return result
+
+
+_MODE: CudaLiteralsToCpu | None = None
+
+
+def _cuda_literals_to_cpu() -> None:
+    """Enter :class:`CudaLiteralsToCpu` for the rest of the process."""
+    global _MODE
+    _MODE = CudaLiteralsToCpu()
+    _MODE.__enter__()
+
+
+class _GlooBridgeDist:
+    """``torch.distributed`` as seen by the bridge module, minus its hard-coded NCCL backend."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.distributed, name)
+
+    @staticmethod
+    def new_group(*args: Any, backend: str | None = None, **kwargs: Any):
+        return torch.distributed.new_group(*args, **kwargs)
+
+    @staticmethod
+    def new_subgroups_by_enumeration(*args: Any, backend: str | None = None, **kwargs: Any):
+        return torch.distributed.new_subgroups_by_enumeration(*args, **kwargs)
+
+
+def _bridge_groups_use_default_backend() -> None:
+    """The bridge creates its groups with ``backend='nccl'``; use the world's backend instead."""
+    from megatron.core.pipeline_parallel import bridge_communicator
+
+    bridge_communicator.dist = _GlooBridgeDist()  # type: ignore[assignment]
+
+
+def _no_torch_compile() -> None:
+    """megatron's ``jit_fuser`` is ``torch.compile``: ~30 s per first call on this CPU."""
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
+
+
+SHIMS: tuple[Shim, ...] = (
+    Shim("current_device_is_cpu", (
+        "distributed/param_and_grad_buffer.py:1162,1180,1186",
+        "pipeline_parallel/bridge_communicator.py:420,456,465,551,939,957",
+        "transformer/dot_product_attention.py:123,132",
+        "tensor_parallel/layers.py:305,647", "tensor_parallel/mappings.py:95,145,185",
+        "models/mimo/model/base.py:580", "utils.py:715",
+        "dist_checkpointing/strategies/state_dict_saver.py:252",
+        "dist_checkpointing/strategies/async_utils.py:224",
+    ), _current_device_is_cpu),
+    Shim("cuda_streams_are_noops", (
+        "distributed/param_and_grad_buffer.py:632,691,814",
+        "dist_checkpointing/strategies/async_utils.py:273",
+        "dist_checkpointing/strategies/filesystem_async.py:248",
+        "dist_checkpointing/strategies/fully_parallel.py:287,296", "utils.py:1721",
+    ), _cuda_streams_are_noops),
+    Shim("cuda_literals_to_cpu", (
+        "models/mimo/optimizer.py:65,82,107,135,139",
+        "optimizer/clip_grads.py:96,108,112,174,180,231",
+        "optimizer/optimizer.py:315,690,698,702,1028,1249",
+        "optimizer/distrib_optimizer.py:466", "utils.py:1332",
+        "models/vision/clip_vit_model.py:124",
+        "dist_checkpointing/strategies/state_dict_saver.py:204",
+    ), _cuda_literals_to_cpu),
+    Shim("bridge_groups_use_default_backend", (
+        "pipeline_parallel/bridge_communicator.py:199,209",
+    ), _bridge_groups_use_default_backend),
+    Shim("no_torch_compile", ("jit.py:21",), _no_torch_compile),
+)
+
+
+def apply_cpu_shims() -> list[str]:
+    """Apply every shim not yet applied in this process; return the names applied now."""
+    applied_now = []
+    for shim in SHIMS:
+        if shim.name in _APPLIED:
+            continue
+        shim.apply()
+        _APPLIED.add(shim.name)
+        applied_now.append(shim.name)
+    if applied_now:
+        logger.debug("applied CPU shims: %s", ", ".join(applied_now))
+    return applied_now
+
+
+def applied_shims() -> frozenset[str]:
+    """Names of the shims applied in this process."""
+    return frozenset(_APPLIED)

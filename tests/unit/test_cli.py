@@ -1,0 +1,87 @@
+"""CLI: flags, help text, round trip, one-line errors."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_mimo.cli import build_parser, config_from_args, config_to_argv, flag_specs, main
+from megatron_mimo.presets import llava_8gpu, tiny_cpu
+
+MEGATRON_FLAGS = ["--micro-batch-size", "--global-batch-size", "--lr", "--min-lr",
+                  "--lr-warmup-iters", "--lr-decay-style", "--train-iters", "--seed",
+                  "--lr-decay-iters", "--weight-decay", "--clip-grad", "--log-interval",
+                  "--eval-interval", "--eval-iters", "--save", "--load", "--save-interval",
+                  "--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+                  "--tensorboard-dir", "--exit-interval"]
+HETERO_FLAGS = ["--encoder-tp", "--encoder-dp", "--llm-tp", "--llm-dp", "--llm-pp", "--llm-offset",
+                "--encoder-lr"]
+
+
+def test_flags_exist_with_help():
+    by_flag = {s.flag: s for s in flag_specs()}
+    for flag in MEGATRON_FLAGS + HETERO_FLAGS:
+        assert flag in by_flag, flag
+        assert by_flag[flag].help, flag
+    help_text = build_parser().format_help()
+    assert "Tensor-parallel size of the branch." in help_text
+
+
+def test_overrides_apply_to_the_right_fields():
+    cfg, _ = config_from_args(["--config", "tiny_cpu", "--lr", "0.01", "--encoder-tp", "2",
+                               "--encoder-dp", "1", "--llm-tp", "1", "--llm-dp", "2",
+                               "--micro-batch-size", "1", "--lr-decay-style", "linear"])
+    assert cfg.optimizer.lr == 0.01
+    assert (cfg.encoder_parallel.tp, cfg.encoder_parallel.dp) == (2, 1)
+    assert (cfg.language_parallel.tp, cfg.language_parallel.dp) == (1, 2)
+    assert cfg.training.micro_batch_size == 1
+    assert cfg.scheduler.lr_decay_style == "linear"
+    assert cfg.optimizer.min_lr == tiny_cpu().optimizer.min_lr  # untouched fields keep preset values
+
+
+@pytest.mark.parametrize("preset", [tiny_cpu, llava_8gpu])
+def test_round_trip_config_to_argv_and_back(preset):
+    cfg = preset()
+    changed = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=0.123456789),
+                                  checkpoint=dataclasses.replace(cfg.checkpoint, save="/tmp/x"))
+    rebuilt, _ = config_from_args(config_to_argv(changed))
+    assert rebuilt == changed
+
+
+def test_dry_run_prints_layout(capsys):
+    assert main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "images TP1xDP2xPP1 on ranks 0-1" in out and "language TP2xDP1xPP1 on ranks 2-3" in out
+    assert "4 micro-step(s) x 2 samples" in out
+
+
+def test_bad_layout_is_one_line_error(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--encoder-tp", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megatron-mimo: error: branches overlap")
+
+
+def test_world_size_mismatch_is_reported(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([]) == 2
+    assert "needs 4 ranks but torchrun started 2" in capsys.readouterr().err
+
+
+def test_console_script_bad_layout_exits_non_zero_without_traceback():
+    exe = os.path.join(os.path.dirname(sys.executable), "megatron-mimo")
+    proc = subprocess.run([exe, "--encoder-tp", "3"], capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": "4"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "error:" in proc.stderr
+
+
+def test_console_script_help_lists_flags():
+    exe = os.path.join(os.path.dirname(sys.executable), "megatron-mimo")
+    proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for flag in HETERO_FLAGS + ["--micro-batch-size", "--lr-warmup-iters"]:
+        assert flag in proc.stdout

@@ -1,0 +1,56 @@
+"""Pure rank arithmetic of layouts."""
+
+import pytest
+
+from megatron_mimo.errors import ConfigError
+from megatron_mimo.layout import (
+    BranchSpec,
+    branch_of,
+    check_batch_split,
+    check_layout,
+    dp_rank_of,
+    tp_rank_of,
+)
+
+IMAGES = BranchSpec("images", tp=1, dp=2, rank_offset=0)
+LANGUAGE = BranchSpec("language", tp=2, dp=1, rank_offset=2)
+
+
+def test_exact_tiling_passes():
+    check_layout([IMAGES, LANGUAGE], 4)
+    check_layout([LANGUAGE, IMAGES], 4)  # order of specs does not matter
+
+
+@pytest.mark.parametrize("specs, world, message", [
+    ([IMAGES, LANGUAGE], 5, "ranks 4-4 belong to no branch; the branches cover 4 of 5"),
+    ([IMAGES, LANGUAGE], 3, "language branch needs tp 2 x dp 1 x pp 1 = 2 ranks from rank 2 .* world has 3"),
+    ([IMAGES, BranchSpec("language", tp=2, rank_offset=1)], 4, "branches overlap"),
+    ([IMAGES, BranchSpec("images", tp=2, rank_offset=2)], 4, "names must be unique"),
+    ([], 4, "at least one branch"),
+])
+def test_bad_layouts(specs, world, message):
+    with pytest.raises(ConfigError, match=message):
+        check_layout(specs, world)
+
+
+def test_branch_spec_rejects_non_positive():
+    with pytest.raises(ConfigError, match="images branch: tp must be an integer >= 1, got 0"):
+        BranchSpec("images", tp=0)
+
+
+def test_batch_split():
+    check_batch_split([IMAGES, LANGUAGE], global_batch_size=8, job_micro_batch=2)
+    with pytest.raises(ConfigError, match="does not split over the images branch's dp 2"):
+        check_batch_split([IMAGES, LANGUAGE], global_batch_size=9, job_micro_batch=3)
+    with pytest.raises(ConfigError, match="global batch 6 must divide by the job-wide micro-batch 4"):
+        check_batch_split([IMAGES, LANGUAGE], global_batch_size=6, job_micro_batch=4)
+
+
+def test_rank_helpers_follow_tp_fastest_order():
+    spec = BranchSpec("language", tp=2, dp=3, pp=2, rank_offset=4)
+    # local index = tp + 2*dp + 6*pp
+    assert [tp_rank_of(spec, r) for r in range(4, 10)] == [0, 1, 0, 1, 0, 1]
+    assert [dp_rank_of(spec, r) for r in range(4, 16)] == [0, 0, 1, 1, 2, 2] * 2
+    assert branch_of([IMAGES, LANGUAGE], 3) is LANGUAGE
+    with pytest.raises(ValueError):
+        dp_rank_of(spec, 3)

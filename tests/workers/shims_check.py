@@ -1,0 +1,85 @@
+"""One gloo rank: each megatron-core call a CPU shim covers fails before the shims, works after."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_mimo.log import silence_known_warnings
+
+
+def _attempt(fn):
+    try:
+        return {"ok": True, "value": fn()}
+    except Exception as error:  # noqa: BLE001 - we report which error class the call hits
+        return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:120]}"}
+
+
+def _checks():
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+    from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    def l2_norm():  # utils.py:1332 device="cuda"
+        norm, _ = local_multi_tensor_l2_norm(0, None, [[torch.tensor([3.0, 4.0])]], False)
+        return [norm.device.type, norm.item()]
+
+    def clip():  # clip_grads.py:174 type() == 'torch.cuda.FloatTensor', :180 device='cuda'
+        param = torch.nn.Parameter(torch.ones(2))
+        param.grad = torch.full((2,), 2.0)
+        clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=4.0)
+        return param.grad.tolist()
+
+    def stream():  # param_and_grad_buffer.py:632
+        torch.cuda.current_stream().wait_event(None)
+        torch.cuda.synchronize()
+        return "ok"
+
+    def current_device():  # used as device= in grad buffers, bridge, attention
+        return str(torch.empty(1, device=torch.cuda.current_device()).device)
+
+    def bridge_group():  # bridge_communicator.py:209 backend='nccl'
+        group = BridgeCommunicator._get_or_create_bridge_pg([0])
+        return dist.get_backend(group)
+
+    def dot_cuda():  # Tensor.cuda() is a no-op
+        return str(torch.ones(1).cuda().device)
+
+    return {"l2_norm": l2_norm, "clip": clip, "stream": stream, "current_device": current_device,
+            "bridge_group": bridge_group, "dot_cuda": dot_cuda}
+
+
+def main() -> None:
+    silence_known_warnings()
+    result_path = Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    checks = _checks()
+    before = {name: _attempt(fn) for name, fn in checks.items()}
+    BridgeCommunicator = sys.modules["megatron.core.pipeline_parallel.bridge_communicator"].BridgeCommunicator
+    BridgeCommunicator._bridge_pg_cache.clear()
+
+    from megatron_mimo.cpu_shims import SHIMS, applied_shims, apply_cpu_shims
+    from megatron_mimo.runtime import prepare_process, select_runtime
+
+    prepare_process(select_runtime())
+    after = {name: _attempt(fn) for name, fn in checks.items()}
+    import torch._dynamo
+
+    out = {"before": before, "after": after, "applied": sorted(applied_shims()),
+           "all": sorted(s.name for s in SHIMS), "reapply": apply_cpu_shims(),
+           "dynamo_disabled": torch._dynamo.config.disable}
+    result_path.write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException:
+        traceback.print_exc()
+        sys.exit(1)

@@ -1,0 +1,48 @@
+"""4-rank gloo world: build two layouts in turn, all-reduce in every branch's TP and DP group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_mimo.layout import BranchSpec
+from megatron_mimo.runtime import model_parallel_state_is_untouched
+from megatron_mimo.topology import build_topology
+from tests.workers.common import worker_main
+
+LAYOUTS = {
+    "enc_tp1dp2_llm_tp2dp1": [BranchSpec("images", tp=1, dp=2, rank_offset=0),
+                              BranchSpec("language", tp=2, dp=1, rank_offset=2)],
+    "enc_tp2dp1_llm_tp1dp2": [BranchSpec("images", tp=2, dp=1, rank_offset=0),
+                              BranchSpec("language", tp=1, dp=2, rank_offset=2)],
+}
+
+
+def _reduce_ranks(group) -> dict[str, Any]:
+    value = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(value, group=group)
+    return {"sum": value.item(), "ranks": dist.get_process_group_ranks(group)}
+
+
+def body(args: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, specs in LAYOUTS.items():
+        topo = build_topology(specs)
+        pgs = topo.pgs()
+        out[name] = {
+            "branch": topo.my_branch,
+            "in_images": topo.in_branch("images"),
+            "dp_rank": topo.dp_rank(), "tp_rank": topo.tp_rank(),
+            "tp": _reduce_ranks(pgs.tp), "dp": _reduce_ranks(pgs.dp),
+            "pp_size": pgs.pp.size(), "mp_size": pgs.mp.size(),
+            "intra_dist_opt": dist.get_process_group_ranks(pgs.intra_dist_opt),
+        }
+        topo.destroy()
+    out["parallel_state_untouched"] = model_parallel_state_is_untouched()
+    return out
+
+
+if __name__ == "__main__":
+    worker_main(body)
