@@ -72,6 +72,10 @@ class EncoderModelConfig:
     """Square input image side in pixels."""
     patch_size: int = 8
     """Square patch side in pixels."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP in the encoder."""
+    attention_dropout: float = 0.0
+    """Dropout on the encoder's attention probabilities."""
 
     def __post_init__(self) -> None:
         _require(self.kind in ENCODER_KINDS, f"encoder.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
@@ -111,6 +115,10 @@ class LanguageModelConfig:
     """Tokens per sample, image placeholder tokens included."""
     hybrid_pattern: str = "M*M-"
     """Mamba-hybrid layer pattern: M = Mamba, * = attention, - = MLP (mamba_hybrid only)."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP in the language model."""
+    attention_dropout: float = 0.0
+    """Dropout on the language model's attention probabilities."""
 
     def __post_init__(self) -> None:
         _require(self.kind in LANGUAGE_KINDS, f"language.kind must be one of {LANGUAGE_KINDS}, got {self.kind!r}")
@@ -239,6 +247,8 @@ class LoggingConfig:
     """Write TensorBoard scalars here (needs the 'tb' extra)."""
     log_level: str = "INFO"
     """Python logging level."""
+    metrics_file: str | None = None
+    """Append one JSON line per iteration (loss, grad norm, LR per branch, samples) here."""
 
     def __post_init__(self) -> None:
         _require(self.log_interval >= 1, f"logging.log_interval must be >= 1, got {self.log_interval}")

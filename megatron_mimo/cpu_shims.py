@@ -9,6 +9,7 @@ GPU). :func:`apply_cpu_shims` is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,66 @@ def _bridge_groups_use_default_backend() -> None:
     bridge_communicator.dist = _GlooBridgeDist()  # type: ignore[assignment]
 
 
+class CpuRNGStatesTracker:
+    """megatron's RNG tracker with its named streams kept on the CPU generator.
+
+    The stock tracker stores CUDA generator states; without CUDA, ``add`` fails and
+    ``_set_cuda_rng_state`` silently queues the state forever (``tensor_parallel/random.py:174``),
+    so a restore is a no-op. This keeps the same names and ``fork`` semantics on the CPU.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every stream."""
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        """Whether any stream was added or set."""
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        """Copy of every named stream's generator state."""
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Replace every named stream's state."""
+        self.states_ = {name: state.clone() for name, state in states.items()}
+        self._is_initialized = True
+
+    def add(self, name: str, seed: int) -> None:
+        """Create stream ``name`` seeded with ``seed``."""
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"rng stream {name!r} or seed {seed} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+        self._is_initialized = True
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        """Run the block on stream ``name``, then put the default generator back."""
+        if name not in self.states_:
+            raise KeyError(f"rng stream {name!r} was never added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_rng_tracker() -> None:
+    """Install :class:`CpuRNGStatesTracker` as megatron's global tracker."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
 def _no_torch_compile() -> None:
     """megatron's ``jit_fuser`` is ``torch.compile``: ~30 s per first call on this CPU."""
     import torch._dynamo
@@ -157,6 +218,10 @@ SHIMS: tuple[Shim, ...] = (
     Shim("bridge_groups_use_default_backend", (
         "pipeline_parallel/bridge_communicator.py:199,209",
     ), _bridge_groups_use_default_backend),
+    Shim("cpu_rng_tracker", (
+        "tensor_parallel/random.py:127,165,174,285,311",
+        "transformer/dot_product_attention.py:217", "tensor_parallel/layers.py:177",
+    ), _cpu_rng_tracker),
     Shim("no_torch_compile", ("jit.py:21",), _no_torch_compile),
 )
 

@@ -1,0 +1,84 @@
+"""Everything one rank needs to train, built once: topology, model, optimizer, bridge, data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.models.mimo import MimoModel
+from megatron.core.models.mimo.optimizer import MimoOptimizer
+from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+
+from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
+from megatron_mimo.data import BranchSampler, MockImageText
+from megatron_mimo.optim import BranchSchedulers
+from megatron_mimo.runtime import Runtime
+from megatron_mimo.topology import Topology
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A rank's training objects. Pass it explicitly; nothing here is global."""
+
+    cfg: MimoConfig
+    runtime: Runtime
+    topology: Topology
+    model: MimoModel
+    optimizer: MimoOptimizer
+    schedulers: BranchSchedulers
+    bridge: BridgeCommunicator
+    dataset: MockImageText
+    sampler: BranchSampler
+
+    @property
+    def branch(self) -> str:
+        """This rank's branch."""
+        return self.topology.my_branch
+
+    @property
+    def branch_ddp(self) -> DistributedDataParallel:
+        """This rank's DDP-wrapped branch module."""
+        from megatron_mimo.models.mimo import branch_module
+
+        return branch_module(self.model, self.branch)
+
+    def is_reporting_rank(self) -> bool:
+        """The one rank that prints and writes metrics: language branch, TP 0, DP 0, last PP."""
+        if self.branch != LANGUAGE:
+            return False
+        pgs = self.topology.pgs()
+        return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and pgs.pp.rank() == pgs.pp.size() - 1
+
+
+def build_bridge(topology: Topology) -> BridgeCommunicator:
+    """Images -> language bridge (collective: every rank builds it). Encoder outputs are 2-D
+    ``[tokens, hidden]``, so DP fan-in/fan-out concatenates/splits along dim 0."""
+    return BridgeCommunicator(topology.grid(IMAGES), topology.grid(LANGUAGE),
+                              comm_dtype=torch.float32, src_module_name=IMAGES,
+                              dest_module_name=LANGUAGE, tensor_ndim=2)
+
+
+def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
+    """Seed, build the model, optimizer, schedulers, bridge and data for this rank."""
+    from megatron_mimo.models.mimo import build_mimo_model
+    from megatron_mimo.optim import build_mimo_optimizer, build_schedulers
+    from megatron_mimo.rng import seed_rank
+
+    if cfg.language_parallel.pp != 1:
+        from megatron_mimo.errors import ConfigError
+
+        raise ConfigError(f"training supports --llm-pp 1 only for now, got {cfg.language_parallel.pp}")
+    branch = topology.my_branch
+    seed_rank(cfg.training.seed, branch, topology.tp_rank())
+    model = build_mimo_model(cfg, topology, runtime.device)
+    optimizer = build_mimo_optimizer(cfg, model, topology)
+    schedulers = build_schedulers(cfg, optimizer, topology)
+    bridge = build_bridge(topology)
+    spec = topology.spec(branch)
+    sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
+    dataset = MockImageText(cfg.encoder, cfg.language, cfg.training.seed)
+    return Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)

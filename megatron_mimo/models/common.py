@@ -1,0 +1,71 @@
+"""Pieces shared by the branch builders: TransformerConfig, spec flavour, per-branch init seed."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_mimo.config import IMAGES, LANGUAGE
+
+BRANCH_SEED_OFFSET = {IMAGES: 0, LANGUAGE: 1000}
+"""Weights of each branch come from their own seed so both branches never share an init."""
+
+
+def branch_init_seed(seed: int, branch: str) -> int:
+    """Seed the default generator gets right before a branch's modules are built."""
+    return seed + BRANCH_SEED_OFFSET[branch]
+
+
+def te_available(device: torch.device) -> bool:
+    """Whether Transformer Engine specs can be used (installed, and the device is a GPU)."""
+    return device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """The sizes a TransformerConfig needs, independent of branch kind."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    @classmethod
+    def of(cls, model) -> TransformerShape:
+        """Shape of an EncoderModelConfig or LanguageModelConfig."""
+        return cls(model.num_layers, model.hidden_size, model.num_attention_heads,
+                   model.ffn_hidden_size, model.hidden_dropout, model.attention_dropout)
+
+
+def build_transformer_config(shape: TransformerShape, tp: int, device: torch.device,
+                             **overrides) -> TransformerConfig:
+    """fp32 TransformerConfig for one branch; CPU-safe fusions off when not on a GPU."""
+    on_gpu = device.type == "cuda"
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        hidden_dropout=shape.hidden_dropout,
+        attention_dropout=shape.attention_dropout,
+        tensor_model_parallel_size=tp,
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        # CPU init draws each sharded weight from one master weight: any TP gives the same model.
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        init_method_std=0.02,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **overrides,
+    )

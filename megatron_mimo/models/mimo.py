@@ -1,0 +1,79 @@
+"""Assemble the non-colocated ``MimoModel``: each rank builds and DDP-wraps only its branch."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.mimo import MimoModel, MimoModelConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
+from megatron_mimo.models.common import branch_init_seed
+from megatron_mimo.models.language import gpt_spec
+from megatron_mimo.models.vision import images_submodule_spec
+from megatron_mimo.topology import Topology
+
+
+def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> dict[str, ModuleSpec]:
+    """ModuleSpec of every branch; only this rank's branch gets real process groups."""
+    def pgs_or_none(name):
+        return topology.pgs(name) if topology.in_branch(name) else None
+
+    return {
+        IMAGES: images_submodule_spec(cfg.encoder, cfg.language.hidden_size,
+                                      cfg.encoder_parallel.tp, pgs_or_none(IMAGES), device),
+        LANGUAGE: gpt_spec(cfg.language, cfg.language_parallel.tp, pgs_or_none(LANGUAGE), device),
+    }
+
+
+def ddp_config() -> DistributedDataParallelConfig:
+    """Per-branch DDP: fp32 grads summed over the branch's DP (the loss is per token)."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+        use_distributed_optimizer=True, average_in_collective=False, bucket_size=None,
+    )
+
+
+def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) -> MimoModel:
+    """Build this rank's branch inside a role-aware MimoModel and wrap it in the branch's DDP.
+
+    The default generator is seeded per branch right before building, so a branch's initial
+    weights do not depend on the layout (CPU initialisation also makes them TP-independent).
+    """
+    specs = branch_specs(cfg, topology, device)
+    mimo_config = MimoModelConfig(
+        language_model_spec=specs[LANGUAGE],
+        modality_submodules_spec={IMAGES: specs[IMAGES]},
+        special_token_ids={IMAGES: cfg.language.image_token_id},
+        module_to_grid_map={name: topology.grid(name) for name in (IMAGES, LANGUAGE)},
+    )
+    torch.manual_seed(branch_init_seed(cfg.training.seed, topology.my_branch))
+    model = MimoModel(mimo_config)
+    model.to(device)
+    branch = topology.my_branch
+    pgs = topology.pgs(branch)
+    if branch == IMAGES:
+        inner = model.modality_submodules[IMAGES]
+        model.modality_submodules[IMAGES] = wrap_ddp(inner, pgs, _first_config(inner))
+    else:
+        model.language_model = wrap_ddp(model.language_model, pgs, model.language_model.config)
+    return model
+
+
+def _first_config(module: torch.nn.Module):
+    for child in module.modules():
+        if isinstance(child, MegatronModule) and child is not module:
+            return child.config
+    raise ValueError(f"{type(module).__name__} holds no MegatronModule with a config")
+
+
+def wrap_ddp(module: torch.nn.Module, pgs, config) -> DistributedDataParallel:
+    """Wrap one branch module in megatron-core DDP over the branch's DP group."""
+    return DistributedDataParallel(config=config, ddp_config=ddp_config(), module=module,
+                                   pg_collection=pgs)
+
+
+def branch_module(model: MimoModel, branch: str) -> DistributedDataParallel:
+    """The DDP-wrapped module of ``branch`` on this rank."""
+    return model.modality_submodules[IMAGES] if branch == IMAGES else model.language_model

@@ -1,0 +1,196 @@
+"""One training step and the loop over iterations (setup lives in :mod:`megatron_mimo.launch`).
+
+A step, on every rank of the world, in this order:
+1. micro-steps: images ranks encode and send over the bridge, then backprop the gradient that
+   comes back; language ranks receive, run the LLM with per-token loss, backprop, send the
+   embedding gradient back;
+2. per-branch DP grad sync (DDP, summed), then one world all-reduce of (loss sum, token count)
+   and every gradient scaled by 1 / global token count (the loss is a mean over all tokens);
+3. ``MimoOptimizer.step()`` (world-agreed found-inf, grad norm, success);
+4. every branch's scheduler advances only if the world agreed the step succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_mimo.config import IMAGES, LANGUAGE
+from megatron_mimo.job import Job
+from megatron_mimo.models.vision import images_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Progress of the run; everything a resume needs besides model/optimizer/RNG."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_iterations: int = 0
+
+
+@dataclass
+class StepResult:
+    """World-agreed outcome of one iteration (identical on every rank)."""
+
+    loss: float
+    num_tokens: int
+    grad_norm: float | None
+    skipped: bool
+    phase_ms: dict[str, float] = field(default_factory=dict)
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step on this rank (for the step-time breakdown)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] += (time.perf_counter() - start) * 1e3
+
+
+def _images_micro_step(job: Job, indices: list[int], timer: PhaseTimer, forward_only: bool) -> None:
+    pixels = job.dataset.pixels(indices).to(job.runtime.device)
+    with timer("encoder"), torch.set_grad_enabled(not forward_only):
+        outputs, _ = job.model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
+        embeddings = outputs[IMAGES]
+    with timer("bridge"):
+        job.bridge.send_forward(embeddings.detach())
+    if forward_only:
+        return
+    with timer("bridge"):
+        grad = job.bridge.recv_backward()
+    with timer("encoder"):
+        torch.autograd.backward(embeddings, grad)
+
+
+def _language_micro_step(job: Job, indices: list[int], timer: PhaseTimer,
+                         forward_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = {k: v.to(job.runtime.device) for k, v in job.dataset.tokens(indices).items()}
+    with timer("bridge"):
+        received = job.bridge.recv_forward()
+    image_embeddings = received.detach().requires_grad_(not forward_only)
+    with timer("language"), torch.set_grad_enabled(not forward_only):
+        job.model.set_input_tensor({IMAGES: image_embeddings})
+        token_loss, _ = job.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  attention_mask=None, loss_mask=batch["loss_mask"],
+                                  labels=batch["labels"])
+        loss_sum = (token_loss.float() * batch["loss_mask"]).sum()
+        if not forward_only:
+            loss_sum.backward()
+    if not forward_only:
+        with timer("bridge"):
+            job.bridge.send_backward(image_embeddings.grad)
+    return loss_sum.detach(), batch["loss_mask"].sum()
+
+
+def forward_backward(job: Job, consumed_samples: int, timer: PhaseTimer, forward_only: bool = False,
+                     index_base: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every micro-step of one global batch; return this rank's (loss sum, token count)."""
+    loss_sum = torch.zeros((), device=job.runtime.device)
+    tokens = torch.zeros((), device=job.runtime.device)
+    for micro_step in range(job.cfg.num_microbatches):
+        indices = job.sampler.indices(consumed_samples, micro_step, base=index_base)
+        if job.branch == IMAGES:
+            _images_micro_step(job, indices, timer, forward_only)
+        else:
+            micro_loss, micro_tokens = _language_micro_step(job, indices, timer, forward_only)
+            loss_sum += micro_loss
+            tokens += micro_tokens
+    return loss_sum, tokens
+
+
+def world_loss_and_tokens(job: Job, loss_sum: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+    """Sum (loss, tokens) over the world, counting each language DP replica once."""
+    counts = job.branch == LANGUAGE and job.topology.tp_rank() == 0
+    totals = torch.stack([loss_sum, tokens]) if counts else torch.zeros(2, device=job.runtime.device)
+    dist.all_reduce(totals)
+    return totals[0].item(), int(totals[1].item())
+
+
+def train_step(job: Job, state: TrainState) -> StepResult:
+    """One iteration on this rank; every rank runs the same world collectives in the same order."""
+    timer = PhaseTimer()
+    ddp = job.branch_ddp
+    ddp.zero_grad_buffer()
+    job.optimizer.zero_grad()
+    loss_sum, tokens = forward_backward(job, state.consumed_samples, timer)
+    with timer("grad_sync"):
+        ddp.finish_grad_sync()
+        total_loss, total_tokens = world_loss_and_tokens(job, loss_sum, tokens)
+        ddp.scale_gradients(1.0 / max(total_tokens, 1))
+    with timer("optimizer"):
+        success, grad_norm, _ = job.optimizer.step()
+    if success:
+        job.schedulers.step()
+    return StepResult(loss=total_loss / max(total_tokens, 1), num_tokens=total_tokens,
+                      grad_norm=grad_norm, skipped=not success, phase_ms=dict(timer.ms))
+
+
+def evaluate(job: Job, iteration: int) -> float:
+    """Mean per-token loss over ``eval_iters`` held-out global batches (no gradients)."""
+    from megatron_mimo.data import EVAL_INDEX_BASE
+
+    timer = PhaseTimer()
+    job.model.eval()
+    total_loss, total_tokens = 0.0, 0
+    try:
+        for batch in range(job.cfg.training.eval_iters):
+            consumed = batch * job.cfg.training.global_batch_size
+            loss_sum, tokens = forward_backward(job, consumed, timer, forward_only=True,
+                                                index_base=EVAL_INDEX_BASE)
+            batch_loss, batch_tokens = world_loss_and_tokens(job, loss_sum, tokens)
+            total_loss += batch_loss
+            total_tokens += batch_tokens
+    finally:
+        job.model.train()
+    return total_loss / max(total_tokens, 1)
+
+
+def iteration_record(state: TrainState, result: StepResult, lrs: dict[str, float],
+                     elapsed_s: float) -> dict:
+    """What one iteration reports (identical on every rank; bit-exact floats in JSON)."""
+    return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+            "loss": result.loss, "grad_norm": result.grad_norm, "lr": lrs,
+            "num_tokens": result.num_tokens, "skipped": result.skipped,
+            "skipped_iterations": state.skipped_iterations,
+            "ms_per_iteration": elapsed_s * 1e3, "tokens_per_s": result.num_tokens / max(elapsed_s, 1e-9)}
+
+
+def train(job: Job, state: TrainState, sinks) -> list[dict]:
+    """Train from ``state`` to ``--train-iters`` (or ``--exit-interval``); return the records."""
+    cfg = job.cfg.training
+    records = []
+    while state.iteration < cfg.train_iters:
+        start = time.perf_counter()
+        result = train_step(job, state)
+        state.iteration += 1
+        state.consumed_samples += cfg.global_batch_size
+        state.consumed_tokens += result.num_tokens
+        state.skipped_iterations += int(result.skipped)
+        record = iteration_record(state, result, job.schedulers.lrs(), time.perf_counter() - start)
+        records.append(record)
+        log_now = state.iteration % job.cfg.logging.log_interval == 0 or state.iteration == 1
+        sinks.record(record, print_line=log_now)
+        if cfg.eval_interval and state.iteration % cfg.eval_interval == 0:
+            sinks.record_eval(state.iteration, evaluate(job, state.iteration))
+        if cfg.exit_interval and state.iteration % cfg.exit_interval == 0:
+            logger.info("exiting at iteration %d (--exit-interval %d)", state.iteration, cfg.exit_interval)
+            break
+    return records
