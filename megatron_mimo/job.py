@@ -82,3 +82,10 @@ def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
     dataset = MockImageText(cfg.encoder, cfg.language, cfg.training.seed)
     return Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)
+
+
+def destroy_job(job: Job) -> None:
+    """Release the job's process groups (bridge caches, branch grids); call on every rank."""
+    job.bridge.destroy_broadcast_pgs()
+    job.bridge.destroy_bridge_pgs()
+    job.topology.destroy()

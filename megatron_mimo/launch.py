@@ -11,11 +11,11 @@ import torch.distributed as dist
 
 from megatron_mimo.config import MimoConfig
 from megatron_mimo.job import build_job
-from megatron_mimo.metrics import MetricSinks
-from megatron_mimo.train import TrainState, train
 from megatron_mimo.log import setup_logging, silence_known_warnings
+from megatron_mimo.metrics import MetricSinks
 from megatron_mimo.runtime import destroy_distributed, init_distributed
 from megatron_mimo.topology import Topology, build_topology
+from megatron_mimo.train import TrainState, train
 
 logger = logging.getLogger(__name__)
 

@@ -173,6 +173,14 @@ def iteration_record(state: TrainState, result: StepResult, lrs: dict[str, float
             "ms_per_iteration": elapsed_s * 1e3, "tokens_per_s": result.num_tokens / max(elapsed_s, 1e-9)}
 
 
+def advance(state: TrainState, result: StepResult, global_batch_size: int) -> None:
+    """Account one finished iteration (data is consumed even when the step was skipped)."""
+    state.iteration += 1
+    state.consumed_samples += global_batch_size
+    state.consumed_tokens += result.num_tokens
+    state.skipped_iterations += int(result.skipped)
+
+
 def train(job: Job, state: TrainState, sinks) -> list[dict]:
     """Train from ``state`` to ``--train-iters`` (or ``--exit-interval``); return the records."""
     cfg = job.cfg.training
@@ -180,10 +188,7 @@ def train(job: Job, state: TrainState, sinks) -> list[dict]:
     while state.iteration < cfg.train_iters:
         start = time.perf_counter()
         result = train_step(job, state)
-        state.iteration += 1
-        state.consumed_samples += cfg.global_batch_size
-        state.consumed_tokens += result.num_tokens
-        state.skipped_iterations += int(result.skipped)
+        advance(state, result, cfg.global_batch_size)
         record = iteration_record(state, result, job.schedulers.lrs(), time.perf_counter() - start)
         records.append(record)
         log_now = state.iteration % job.cfg.logging.log_interval == 0 or state.iteration == 1

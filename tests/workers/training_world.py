@@ -1,0 +1,147 @@
+"""Training worlds for the hetero-training tests.
+
+mode "reference": 1 rank, both branches built side by side and trained with plain torch AdamW on
+    the full global batch, no bridge, no DDP, no distributed optimizer: the independent truth.
+mode "hetero": the real job on 2 ranks (images rank 0, language rank 1).
+mode "layouts": the real job on 4 ranks, two layouts in turn, then a found-inf injected on the
+    images ranks only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_mimo.cli import apply_overrides
+from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
+from megatron_mimo.presets import tiny_cpu
+from megatron_mimo.runtime import model_parallel_state_is_untouched, select_runtime
+from tests.workers.common import worker_main
+
+ITERS = 6
+
+
+def test_config(overrides: dict[str, Any]) -> MimoConfig:
+    base = {"optimizer.weight_decay": 0.0, "scheduler.lr_warmup_iters": 2,
+            "training.train_iters": ITERS, "training.global_batch_size": 8,
+            "training.micro_batch_size": 2}
+    return apply_overrides(tiny_cpu(), {**base, **overrides})
+
+
+def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = None) -> dict:
+    from megatron_mimo.job import build_job, destroy_job
+    from megatron_mimo.topology import build_topology
+    from megatron_mimo.train import TrainState, advance, train_step
+
+    runtime = select_runtime()
+    topology = build_topology(cfg.branch_specs())
+    job = build_job(cfg, runtime, topology)
+    state, records = TrainState(), []
+    images_opt = job.optimizer.module_infos[IMAGES].optimizer
+    for it in range(1, iterations + 1):
+        if inject_found_inf_at == it and images_opt is not None:
+            original = images_opt.prepare_grads
+            images_opt.prepare_grads = lambda: True  # found inf on the images ranks only
+        before = [p.detach().clone() for p in job.branch_ddp.parameters()]
+        lr_before = job.schedulers.lrs()
+        result = train_step(job, state)
+        advance(state, result, cfg.training.global_batch_size)
+        if inject_found_inf_at == it and images_opt is not None:
+            images_opt.prepare_grads = original
+        changed = any(not torch.equal(b, p) for b, p in zip(before, job.branch_ddp.parameters()))
+        records.append({"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped,
+                        "lr": job.schedulers.lrs(), "lr_before": lr_before,
+                        "params_changed": changed, "sched_steps": job.schedulers.num_steps})
+    out = {"branch": job.branch, "records": records}
+    destroy_job(job)
+    return out
+
+
+def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
+    """Both branches on one rank, full batch, torch AdamW, megatron's LR scheduler."""
+    from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_mimo.data import MockImageText
+    from megatron_mimo.layout import BranchSpec
+    from megatron_mimo.models.common import branch_init_seed
+    from megatron_mimo.models.language import gpt_spec
+    from megatron_mimo.models.vision import images_inputs, images_submodule_spec
+    from megatron_mimo.optim import build_scheduler
+    from megatron_mimo.rng import seed_rank
+    from megatron_mimo.topology import build_topology
+
+    topo = build_topology([BranchSpec("solo")])
+    pgs, cpu, seed = topo.pgs(), torch.device("cpu"), cfg.training.seed
+    seed_rank(seed, LANGUAGE, 0)
+    torch.manual_seed(branch_init_seed(seed, IMAGES))
+    encoder = VisionModalitySubmodules.from_spec(
+        images_submodule_spec(cfg.encoder, cfg.language.hidden_size, 1, pgs, cpu))
+    torch.manual_seed(branch_init_seed(seed, LANGUAGE))
+    lm = build_module(gpt_spec(cfg.language, 1, pgs, cpu))
+    opt = cfg.optimizer
+    optimizers, schedulers = {}, {}
+    for name, module in ((IMAGES, encoder), (LANGUAGE, lm)):
+        optimizers[name] = torch.optim.AdamW(module.parameters(), lr=0.0, betas=(opt.adam_beta1, opt.adam_beta2),
+                                             eps=opt.adam_eps, weight_decay=0.0)
+        schedulers[name] = build_scheduler(cfg, optimizers[name], name)
+    data = MockImageText(cfg.encoder, cfg.language, seed)
+    params = list(encoder.parameters()) + list(lm.parameters())
+    gbs, records = cfg.training.global_batch_size, []
+    for it in range(iterations):
+        indices = list(range(it * gbs, (it + 1) * gbs))
+        batch = data.tokens(indices)
+        for p in params:
+            p.grad = None
+        image_emb = encoder(encoder_inputs=images_inputs(data.pixels(indices)))  # [b*P, H]
+        is_image = batch["input_ids"] == cfg.language.image_token_id
+        text_ids = batch["input_ids"].masked_fill(is_image, 0)
+        text_emb = lm.embedding(input_ids=text_ids, position_ids=batch["position_ids"])  # [s, b, H]
+        placed = torch.zeros_like(text_emb.transpose(0, 1))
+        placed[is_image] = image_emb
+        combined = torch.where(is_image.unsqueeze(-1), placed, text_emb.transpose(0, 1))
+        token_loss = lm(input_ids=None, position_ids=batch["position_ids"],
+                        decoder_input=combined.transpose(0, 1).contiguous(), labels=batch["labels"],
+                        attention_mask=None)
+        loss = (token_loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        loss.backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in params if p.grad is not None)).item()
+        coeff = opt.clip_grad / (norm + 1e-6)
+        if coeff < 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coeff)
+        for name in optimizers:
+            optimizers[name].step()
+            schedulers[name].step(increment=1)
+        records.append({"loss": loss.item(), "grad_norm": norm,
+                        "lr": {n: s.get_lr(s.optimizer.param_groups[0]) for n, s in schedulers.items()}})
+    topo.destroy()
+    return records
+
+
+def body(args: dict[str, Any]) -> Any:
+    mode = args["mode"]
+    if mode == "reference":
+        return reference(test_config({}), ITERS)
+    if mode == "hetero":
+        cfg = test_config({"encoder_parallel.dp": 1, "language_parallel.offset": 1,
+                           "language_parallel.tp": 1})
+        return run_job(cfg, ITERS)
+    layouts = {
+        "images_tp1dp2_language_tp2dp1": {},
+        "images_tp2dp1_language_tp1dp2": {"encoder_parallel.tp": 2, "encoder_parallel.dp": 1,
+                                          "language_parallel.tp": 1, "language_parallel.dp": 2,
+                                          "training.micro_batch_size": 1},
+    }
+    out = {name: run_job(test_config(over), ITERS) for name, over in layouts.items()}
+    out["found_inf"] = run_job(test_config({}), 3, inject_found_inf_at=2)
+    out["parallel_state_untouched"] = model_parallel_state_is_untouched()
+    out["world_rank"] = dist.get_rank()
+    return out
+
+
+if __name__ == "__main__":
+    worker_main(body)
