@@ -29,7 +29,7 @@ def _rel(a, b):
 def test_two_rank_hetero_matches_single_rank_reference(hetero, reference):
     assert [r["branch"] for r in hetero] == ["images", "language"]
     for rank in hetero:  # every rank holds the same world-agreed values
-        for step, (got, want) in enumerate(zip(rank["records"], reference)):
+        for step, (got, want) in enumerate(zip(rank["records"], reference, strict=True)):
             assert _rel(got["loss"], want["loss"]) < 1e-6, (step, got["loss"], want["loss"])
             assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (step, got, want)
             assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
@@ -42,7 +42,7 @@ def test_four_rank_layouts_train_and_match_reference(layouts, reference, layout)
         records = rank[layout]["records"]
         losses = [r["loss"] for r in records]
         assert losses[-1] < 0.95 * losses[0], losses
-        for got, want in zip(records, reference):
+        for got, want in zip(records, reference, strict=True):
             assert _rel(got["loss"], want["loss"]) < 1e-5
         # warmup starts at LR 0 (Megatron's default), so only the first step leaves weights as-is
         assert not records[0]["params_changed"]

@@ -50,7 +50,7 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
         advance(state, result, cfg.training.global_batch_size)
         if inject_found_inf_at == it and images_opt is not None:
             images_opt.prepare_grads = original
-        changed = any(not torch.equal(b, p) for b, p in zip(before, job.branch_ddp.parameters()))
+        changed = any(not torch.equal(b, p) for b, p in zip(before, job.branch_ddp.parameters(), strict=True))
         records.append({"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped,
                         "lr": job.schedulers.lrs(), "lr_before": lr_before,
                         "params_changed": changed, "sched_steps": job.schedulers.num_steps})

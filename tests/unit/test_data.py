@@ -1,0 +1,66 @@
+"""Mock data and the resumable per-branch sampler."""
+
+import pytest
+import torch
+
+from megatron_mimo.data import BranchSampler, MockImageText
+from megatron_mimo.presets import tiny_cpu
+
+
+@pytest.fixture
+def data():
+    cfg = tiny_cpu()
+    return MockImageText(cfg.encoder, cfg.language, seed=7)
+
+
+def test_samples_are_a_pure_function_of_seed_and_index(data):
+    assert torch.equal(data.pixels([3, 9]), data.pixels([3, 9]))
+    assert torch.equal(data.tokens([3])["input_ids"][0], data.tokens([1, 2, 3])["input_ids"][2])
+    assert not torch.equal(data.pixels([3]), data.pixels([4]))
+    other_seed = MockImageText(data.encoder, data.language, seed=8)
+    assert not torch.equal(other_seed.pixels([3]), data.pixels([3]))
+
+
+def test_text_layout_and_masks(data):
+    batch = data.tokens([0, 1])
+    image_id, patches = data.language.image_token_id, data.encoder.num_patches
+    assert batch["input_ids"].shape == (2, data.language.seq_length)
+    assert ((batch["input_ids"] == image_id).sum(dim=1) == patches).all()
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    # no loss where the label is an image slot, nor at the last position; loss on all text labels
+    assert batch["loss_mask"][:, :patches].sum() == 0 and batch["loss_mask"][:, -1].sum() == 0
+    assert batch["loss_mask"][:, patches:-1].eq(1).all()
+    assert batch["sample_index"].tolist() == [0, 1]
+    assert batch["input_ids"].max() < data.language.vocab_size
+
+
+def test_text_depends_on_the_image_class(data):
+    classes = {data.image_class(i) for i in range(64)}
+    assert len(classes) > 8
+    a, b = next((i, j) for i in range(64) for j in range(64)
+                if data.image_class(i) != data.image_class(j))
+    ids = data.tokens([a, b])["input_ids"]
+    assert not torch.equal(ids[0], ids[1])
+
+
+def test_sampler_splits_each_micro_batch_over_dp_in_order():
+    ranks = [BranchSampler(job_micro_batch=4, dp_size=2, dp_rank=r) for r in range(2)]
+    assert [s.indices(0, 0) for s in ranks] == [[0, 1], [2, 3]]
+    assert [s.indices(0, 1) for s in ranks] == [[4, 5], [6, 7]]
+    single = BranchSampler(job_micro_batch=4, dp_size=1, dp_rank=0)
+    # both branches see the same samples per micro-step, whatever their DP
+    assert single.indices(8, 1) == ranks[0].indices(8, 1) + ranks[1].indices(8, 1)
+
+
+def test_sampler_resumes_at_any_consumed_offset():
+    sampler = BranchSampler(job_micro_batch=2, dp_size=2, dp_rank=1)
+    straight = [sampler.indices(it * 8, m) for it in range(4) for m in range(4)]
+    resumed = [sampler.indices(16 + it * 8, m) for it in range(2) for m in range(4)]
+    assert resumed == straight[8:]
+
+
+def test_sampler_rejects_bad_split():
+    with pytest.raises(ValueError, match="does not split"):
+        BranchSampler(job_micro_batch=3, dp_size=2, dp_rank=0)
+    with pytest.raises(ValueError, match="outside dp size"):
+        BranchSampler(job_micro_batch=4, dp_size=2, dp_rank=2)
