@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q -m "not dist and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check megatron_mimo tests examples
+	$(VENV)/bin/ruff check megatron_mimo tests examples bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

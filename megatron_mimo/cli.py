@@ -51,7 +51,16 @@ class FlagSpec:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under dataclass fields (the string literal after each annotation)."""
+    """Docstrings written under dataclass fields (the string literal after each annotation),
+    including those of dataclass base classes."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}

@@ -55,37 +55,49 @@ class ParallelismConfig:
 
 
 @dataclass(frozen=True)
-class EncoderModelConfig:
+class TransformerSizes:
+    """Sizes every transformer branch has (the shared part of the two model configs)."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Hidden size."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    ffn_hidden_size: int = 128
+    """MLP hidden size."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    def _validate_sizes(self, owner: str, kind: str, kinds: tuple[str, ...], **extra: int) -> None:
+        _require(kind in kinds, f"{owner}.kind must be one of {kinds}, got {kind!r}")
+        _require_positive(owner, num_layers=self.num_layers, hidden_size=self.hidden_size,
+                          num_attention_heads=self.num_attention_heads,
+                          ffn_hidden_size=self.ffn_hidden_size, **extra)
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"{owner}.hidden_size {self.hidden_size} must divide by num_attention_heads "
+                 f"{self.num_attention_heads}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0,
+                     f"{owner}.{name} must lie in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EncoderModelConfig(TransformerSizes):
     """Image encoder (ViT or RADIO) and its projector into the language hidden size."""
 
     kind: str = "vit"
     """Encoder family: 'vit' (CLIP-style ViT) or 'radio'."""
-    num_layers: int = 2
-    """Transformer layers in the encoder."""
-    hidden_size: int = 64
-    """Encoder hidden size."""
-    num_attention_heads: int = 4
-    """Encoder attention heads."""
-    ffn_hidden_size: int = 128
-    """Encoder MLP hidden size."""
     image_size: int = 32
     """Square input image side in pixels."""
     patch_size: int = 8
     """Square patch side in pixels."""
-    hidden_dropout: float = 0.0
-    """Dropout after attention and MLP in the encoder."""
-    attention_dropout: float = 0.0
-    """Dropout on the encoder's attention probabilities."""
 
     def __post_init__(self) -> None:
-        _require(self.kind in ENCODER_KINDS, f"encoder.kind must be one of {ENCODER_KINDS}, got {self.kind!r}")
-        _require_positive(
-            "encoder", num_layers=self.num_layers, hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
-            image_size=self.image_size, patch_size=self.patch_size,
-        )
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"encoder.hidden_size {self.hidden_size} must divide by num_attention_heads {self.num_attention_heads}")
+        self._validate_sizes("encoder", self.kind, ENCODER_KINDS, image_size=self.image_size,
+                             patch_size=self.patch_size)
         _require(self.image_size % self.patch_size == 0,
                  f"encoder.image_size {self.image_size} must divide by patch_size {self.patch_size}")
 
@@ -96,39 +108,21 @@ class EncoderModelConfig:
 
 
 @dataclass(frozen=True)
-class LanguageModelConfig:
+class LanguageModelConfig(TransformerSizes):
     """Language model (GPT or Mamba hybrid) and the text sequence it reads."""
 
     kind: str = "gpt"
     """Language family: 'gpt' or 'mamba_hybrid'."""
-    num_layers: int = 2
-    """Transformer (or hybrid) layers in the language model."""
-    hidden_size: int = 64
-    """Language hidden size."""
-    num_attention_heads: int = 4
-    """Language attention heads."""
-    ffn_hidden_size: int = 128
-    """Language MLP hidden size."""
     vocab_size: int = 256
     """Vocabulary size (the image placeholder token is vocab_size - 1)."""
     seq_length: int = 48
     """Tokens per sample, image placeholder tokens included."""
     hybrid_pattern: str = "M*M-"
     """Mamba-hybrid layer pattern: M = Mamba, * = attention, - = MLP (mamba_hybrid only)."""
-    hidden_dropout: float = 0.0
-    """Dropout after attention and MLP in the language model."""
-    attention_dropout: float = 0.0
-    """Dropout on the language model's attention probabilities."""
 
     def __post_init__(self) -> None:
-        _require(self.kind in LANGUAGE_KINDS, f"language.kind must be one of {LANGUAGE_KINDS}, got {self.kind!r}")
-        _require_positive(
-            "language", num_layers=self.num_layers, hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads, ffn_hidden_size=self.ffn_hidden_size,
-            vocab_size=self.vocab_size, seq_length=self.seq_length,
-        )
-        _require(self.hidden_size % self.num_attention_heads == 0,
-                 f"language.hidden_size {self.hidden_size} must divide by num_attention_heads {self.num_attention_heads}")
+        self._validate_sizes("language", self.kind, LANGUAGE_KINDS, vocab_size=self.vocab_size,
+                             seq_length=self.seq_length)
         _require(set(self.hybrid_pattern) <= set("M*-") and self.hybrid_pattern != "",
                  f"language.hybrid_pattern may hold only 'M', '*', '-', got {self.hybrid_pattern!r}")
 
