@@ -90,7 +90,11 @@ def flag_specs() -> tuple[FlagSpec, ...]:
         for f in dataclasses.fields(cls):
             flag = FLAG_RENAMES.get(
                 (section, f.name), "--" + SECTION_PREFIX.get(section, "") + f.name.replace("_", "-"))
-            specs.append(FlagSpec(flag, section, f.name, _scalar_type(hints[f.name]), docs[f.name]))
+            kind = _scalar_type(hints[f.name])
+            if kind is bool and f.default is not False:
+                raise RuntimeError(f"{section}.{f.name}: boolean fields must default to False "
+                                   "(flags only switch things on, as Megatron's do)")
+            specs.append(FlagSpec(flag, section, f.name, kind, docs[f.name]))
     flags = [s.flag for s in specs]
     duplicates = {f for f in flags if flags.count(f) > 1}
     if duplicates:
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = groups.setdefault(spec.section, parser.add_argument_group(spec.section))
         if spec.type is bool:
             group.add_argument(spec.flag, dest=f"{spec.section}.{spec.field}",
-                               action=argparse.BooleanOptionalAction, help=spec.help)
+                               action="store_true", help=spec.help)
         else:
             group.add_argument(spec.flag, dest=f"{spec.section}.{spec.field}", type=spec.type,
                                metavar=spec.type.__name__.upper(), help=spec.help)
@@ -148,7 +152,7 @@ def config_to_argv(cfg: MimoConfig) -> list[str]:
         if value is None:
             continue
         if spec.type is bool:
-            argv.append(spec.flag if value else "--no-" + spec.flag[2:])
+            argv += [spec.flag] if value else []
         else:
             argv += [spec.flag, repr(value) if spec.type is float else str(value)]
     return argv

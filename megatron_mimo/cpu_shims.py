@@ -184,6 +184,27 @@ def _cpu_rng_tracker() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _fully_reshardable_load_keeps_adam_step() -> None:
+    """Let a 'fully_reshardable' optimizer load work with torch's Adam (no TE/apex, so on CPU).
+
+    ``load_parameter_state_from_fully_reshardable`` leaves the per-parameter ``step`` out of the
+    source tensors (``optimizer/distrib_optimizer.py:2390``), but
+    ``_set_main_param_and_optimizer_states`` then looks up every destination key, ``step``
+    included (``:1223``): KeyError. Missing keys keep their current value here; the checkpoint
+    code rebuilds every parameter's step from the loaded param groups right after.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        current = self._get_main_param_and_optimizer_states(model_param)
+        missing = {key: value for key, value in current.items() if key not in tensors}
+        return original(self, model_param, {**tensors, **missing})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def _no_torch_compile() -> None:
     """megatron's ``jit_fuser`` is ``torch.compile``: ~30 s per first call on this CPU."""
     import torch._dynamo
@@ -222,6 +243,9 @@ SHIMS: tuple[Shim, ...] = (
         "tensor_parallel/random.py:127,165,174,285,311",
         "transformer/dot_product_attention.py:217", "tensor_parallel/layers.py:177",
     ), _cpu_rng_tracker),
+    Shim("fully_reshardable_load_keeps_adam_step", (
+        "optimizer/distrib_optimizer.py:1223,2390",
+    ), _fully_reshardable_load_keeps_adam_step),
     Shim("no_torch_compile", ("jit.py:21",), _no_torch_compile),
 )
 

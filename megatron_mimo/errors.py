@@ -6,3 +6,7 @@ class ConfigError(ValueError):
 
     The CLI prints it as one line and exits non-zero, without a traceback.
     """
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be saved or loaded as asked; the message says why and what to do."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_mimo.checkpoint import CheckpointManager
 from megatron_mimo.config import MimoConfig
 from megatron_mimo.job import Job, build_job, destroy_job
 from megatron_mimo.log import setup_logging, silence_known_warnings
@@ -67,8 +68,15 @@ def run(cfg: MimoConfig) -> int:
         if sinks.active:
             logger.info("layout: %s", job.topology.describe())
             logger.info("config %s: %s", cfg.name, json.dumps(cfg.to_dict(), sort_keys=True))
+        checkpoints = CheckpointManager(job) if (cfg.checkpoint.save or cfg.checkpoint.load) else None
         try:
-            train(job, TrainState(), sinks)
+            state = (checkpoints.load() if checkpoints else None) or TrainState()
+            if state.iteration:
+                logger.info("resuming at iteration %d (%d samples consumed)", state.iteration,
+                            state.consumed_samples)
+            train(job, state, sinks, checkpoints)
         finally:
             sinks.close()
+            if checkpoints is not None:
+                checkpoints.close()
     return 0

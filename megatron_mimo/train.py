@@ -37,6 +37,8 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_iterations: int = 0
+    skipped_at: list[int] = field(default_factory=list)
+    """Iterations whose step the world agreed to skip (found inf/nan)."""
 
 
 @dataclass
@@ -179,11 +181,19 @@ def advance(state: TrainState, result: StepResult, global_batch_size: int) -> No
     state.consumed_samples += global_batch_size
     state.consumed_tokens += result.num_tokens
     state.skipped_iterations += int(result.skipped)
+    if result.skipped:
+        state.skipped_at.append(state.iteration)
 
 
-def train(job: Job, state: TrainState, sinks) -> list[dict]:
-    """Train from ``state`` to ``--train-iters`` (or ``--exit-interval``); return the records."""
-    cfg = job.cfg.training
+def train(job: Job, state: TrainState, sinks, checkpoints=None) -> list[dict]:
+    """Train from ``state`` to ``--train-iters`` (or ``--exit-interval``); return the records.
+
+    With ``checkpoints`` (a CheckpointManager) and ``--save``, saves every ``--save-interval``
+    iterations and always at the last iteration run.
+    """
+    cfg, ckpt = job.cfg.training, job.cfg.checkpoint
+    saving = checkpoints is not None and bool(ckpt.save)
+    last_saved = state.iteration
     records = []
     while state.iteration < cfg.train_iters:
         start = time.perf_counter()
@@ -195,7 +205,12 @@ def train(job: Job, state: TrainState, sinks) -> list[dict]:
         sinks.record(record, print_line=log_now)
         if cfg.eval_interval and state.iteration % cfg.eval_interval == 0:
             sinks.record_eval(state.iteration, evaluate(job, state.iteration))
+        if saving and ckpt.save_interval and state.iteration % ckpt.save_interval == 0:
+            checkpoints.save(state)
+            last_saved = state.iteration
         if cfg.exit_interval and state.iteration % cfg.exit_interval == 0:
             logger.info("exiting at iteration %d (--exit-interval %d)", state.iteration, cfg.exit_interval)
             break
+    if saving and last_saved != state.iteration:
+        checkpoints.save(state)
     return records

@@ -53,12 +53,29 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     model.to(device)
     branch = topology.my_branch
     pgs = topology.pgs(branch)
+    apply_branch_tp_group(model, pgs.tp)
     if branch == IMAGES:
         inner = model.modality_submodules[IMAGES]
         model.modality_submodules[IMAGES] = wrap_ddp(inner, pgs, _first_config(inner))
     else:
         model.language_model = wrap_ddp(model.language_model, pgs, model.language_model.config)
     return model
+
+
+def apply_branch_tp_group(model: torch.nn.Module, tp_group) -> list[str]:
+    """Give every MegatronModule that lacks ``tp_group`` the branch's TP group.
+
+    ``MegatronModule.sharded_state_dict`` falls back to ``parallel_state``'s TP group when a
+    module has no ``tp_group`` attribute (megatron-core 0.19.2 ``transformer/module.py:82-84``);
+    ``CLIPViTModel`` is one such module. Without a global parallel_state that fallback raises.
+    Returns the names of the modules it fixed.
+    """
+    fixed = []
+    for name, module in model.named_modules():
+        if isinstance(module, MegatronModule) and not hasattr(module, "tp_group"):
+            module.tp_group = tp_group
+            fixed.append(name or type(module).__name__)
+    return fixed
 
 
 def _first_config(module: torch.nn.Module):
