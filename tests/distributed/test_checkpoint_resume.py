@@ -121,3 +121,45 @@ def test_checkpoint_layout_on_disk(root, ab):
     assert manifest["megatron_core_version"].startswith("0.")
     assert set(manifest["contents"]) == {"model", "optimizer", "scheduler", "rng", "data", "events"}
     assert not list(root.glob("L1/.tmp_*"))
+
+
+@pytest.fixture(scope="module")
+def flags(root, ab):
+    return run_world(WORKER, 2, {"mode": "flags", "root": str(root / "L3")}, timeout=300)
+
+
+def test_no_load_optim_starts_adam_fresh_but_continues_schedule(ab, flags):
+    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+        got = rank["no_load_optim"]
+        assert got["adam_empty_or_zero"]
+        assert got["iteration"] == N and got["consumed"] == N * 8
+        assert got["lr"] == rank_ab["a"][N - 1]["lr"]
+        assert got["rng"] == rank_ab["snapshot"]["rng"]
+        assert got["next"]["loss"] == rank_ab["a"][N]["loss"]  # same weights and data...
+        assert got["next"]["grad_norm"] == rank_ab["a"][N]["grad_norm"]
+
+
+def test_no_load_rng_reseeds(ab, flags):
+    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+        got = rank["no_load_rng"]
+        assert got["rng"] != rank_ab["snapshot"]["rng"]
+        assert got["rng"] == rank["fresh"]["rng"]  # exactly what --seed gives a new run
+        assert got["iteration"] == N and not got["adam_empty_or_zero"]
+
+
+def test_finetune_loads_weights_only(ab, flags):
+    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+        got = rank["finetune"]
+        assert got["iteration"] == 0 and got["consumed"] == 0
+        assert got["lr"] == rank["fresh"]["lr"]
+        assert got["adam_empty_or_zero"]
+        assert got["eval"] == rank_ab["eval_at_save"]  # the weights are the checkpoint's
+        assert got["next"]["iteration"] == 1 and got["next"]["consumed"] == 8
+
+
+def test_no_load_scheduler_restarts_schedule(ab, flags):
+    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+        got = rank["no_load_scheduler"]
+        assert got["iteration"] == N
+        assert got["lr"] == rank["fresh"]["lr"] != rank_ab["a"][N - 1]["lr"]
+        assert not got["adam_empty_or_zero"]

@@ -221,7 +221,8 @@ def mode_features(args: dict) -> dict:
     out["fingerprints"] = [first, run.manager.last_fingerprint]
     out["eval_at_save"] = run.eval_loss()
     run.close()
-    reload = Run(make_cfg("DP3", checkpoint__load=root, checkpoint__ckpt_timeout_s=5))
+    reload = Run(make_cfg("DP3", checkpoint__load=root, checkpoint__save=root + "_again",
+                          checkpoint__ckpt_timeout_s=5))
     reload.load()
     out["reloaded"] = {"iteration": reload.state.iteration, "skipped_at": reload.state.skipped_at,
                        "eval": reload.eval_loss()}
