@@ -109,6 +109,11 @@ def test_fully_reshardable_resumes_under_another_layout(ab, c):
         assert rank["foreign"]["eval"] == pytest.approx(saved_eval, rel=1e-5)
 
 
+def test_save_starts_no_helper_process(ab):
+    # megatron-core's first save would spawn a multiprocessing Manager (~13 s here)
+    assert all(not rank["helper_processes_after_save"] for layout in ab.values() for rank in layout)
+
+
 def test_checkpoint_layout_on_disk(root, ab):
     directory = root / "L1" / f"iter_{N:07d}"
     names = {p.name for p in directory.iterdir()}

@@ -133,7 +133,7 @@ class Run:
 
 def _same_adam(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+        x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
 
 
 def mode_ab(args: dict) -> dict:
@@ -149,10 +149,14 @@ def mode_ab(args: dict) -> dict:
     run_b = Run(make_cfg(layout, checkpoint__save=root, **extra))
     b_records = [run_b.step() for _ in range(N)]
     run_b.manager.save(run_b.state)
+    import psutil
+
+    helpers = [p.name() for p in psutil.Process().children(recursive=True)]
     adam = run_b.adam_state()
     torch.save(adam, Path(root) / f"adam_rank{dist.get_rank()}.pt")
     out = {"a": a_records, "b": b_records, "snapshot": snapshot, "eval_at_save": run_b.eval_loss(),
-           "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch}
+           "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch,
+           "helper_processes_after_save": helpers}
     run_b.close()
     return out
 

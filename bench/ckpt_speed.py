@@ -1,0 +1,78 @@
+"""Save/load time and size of a checkpoint vs a plain torch.distributed.checkpoint.save.
+
+    torchrun --standalone --nproc-per-node 4 bench/ckpt_speed.py --config tiny_cpu \
+        --save /tmp/ckpt-bench --load /tmp/ckpt-bench
+
+Trains one iteration, then saves 3 times and loads once with megatron-mimo's CheckpointManager,
+and saves the same local tensors (model + optimizer state, main replicas) 3 times with plain
+``torch.distributed.checkpoint.save``. Prints JSON (rank 0) with per-save times and ratios.
+"""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+from megatron_mimo.checkpoint import CheckpointManager, directory_bytes
+from megatron_mimo.ckpt_build import LoadPlan, build_state
+from megatron_mimo.cli import config_from_args
+from megatron_mimo.launch import started_job
+from megatron_mimo.train import TrainState, advance, train_step
+
+REPEATS = 3
+
+
+def plain_tensors(job, state) -> dict:
+    sharded = build_state(job, state, LoadPlan.for_save(job.cfg.checkpoint))
+    rank = dist.get_rank()
+    return {f"r{rank}.{i}": v.data.detach().clone() for i, v in enumerate(nested_values(sharded))
+            if isinstance(v, ShardedTensor) and v.replica_id in (0, (0, 0, 0))}
+
+
+def timed(fn) -> float:
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    cfg, _ = config_from_args(sys.argv[1:])
+    root = Path(cfg.checkpoint.save)
+    with started_job(cfg) as job:
+        state = TrainState()
+        advance(state, train_step(job, state), cfg.training.global_batch_size)
+        manager = CheckpointManager(job)
+        ours = [timed(lambda: manager.save(state)) for _ in range(REPEATS)]
+        ours_bytes = directory_bytes(root / f"iter_{state.iteration:07d}")
+        load = timed(manager.load)
+        tensors = plain_tensors(job, state)
+        plain_dir = root / "plain_dcp"
+        plain = []
+        for _ in range(REPEATS):
+            if dist.get_rank() == 0 and plain_dir.exists():
+                shutil.rmtree(plain_dir)
+            dist.barrier()
+            plain.append(timed(lambda: dcp.save(tensors, checkpoint_id=str(plain_dir))))
+        plain_bytes = directory_bytes(plain_dir)
+        manager.close()
+        if dist.get_rank() == 0:
+            print(json.dumps({
+                "config": cfg.name, "save_s": ours, "load_s": load, "bytes": ours_bytes,
+                "plain_dcp_save_s": plain, "plain_dcp_bytes": plain_bytes,
+                "ratio_first_save_vs_plain_first": ours[0] / plain[0],
+                "ratio_later_saves_vs_plain_later": (sum(ours[1:]) / (REPEATS - 1)) / (sum(plain[1:]) / (REPEATS - 1)),
+                "local_tensors_rank0": sum(t.numel() for t in tensors.values()),
+            }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
