@@ -111,7 +111,8 @@ def build_state(job: Job, state, plan: LoadPlan) -> dict[str, Any]:
         sharded["rng"] = rank_object(f"rng.{branch}", capture_rng(),
                                      job.topology.rank - spec.rank_offset, spec.num_ranks)
     if plan.save:
-        sharded["train_state"] = dataclasses.asdict(state)
+        sharded["train_state"] = {k: v for k, v in dataclasses.asdict(state).items()
+                                  if k != "stopped_early"}
         sharded["config"] = job.cfg.to_dict()
     return sharded
 

@@ -206,6 +206,8 @@ class TrainingConfig:
     """Batches per evaluation."""
     exit_interval: int | None = None
     """Stop after the iteration that is a multiple of N."""
+    exit_duration_in_mins: float | None = None
+    """Stop (saving a checkpoint with --save) once this many minutes have passed since start."""
 
     def __post_init__(self) -> None:
         _require_positive("training", micro_batch_size=self.micro_batch_size,

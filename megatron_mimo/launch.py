@@ -17,6 +17,7 @@ from megatron_mimo.job import Job, build_job, destroy_job
 from megatron_mimo.log import setup_logging, silence_known_warnings
 from megatron_mimo.metrics import MetricSinks
 from megatron_mimo.runtime import destroy_distributed, init_distributed
+from megatron_mimo.stopping import EXIT_STOPPED_EARLY, StopWatch
 from megatron_mimo.topology import Topology, build_topology
 from megatron_mimo.train import TrainState, train
 
@@ -69,14 +70,21 @@ def run(cfg: MimoConfig) -> int:
             logger.info("layout: %s", job.topology.describe())
             logger.info("config %s: %s", cfg.name, json.dumps(cfg.to_dict(), sort_keys=True))
         checkpoints = CheckpointManager(job) if (cfg.checkpoint.save or cfg.checkpoint.load) else None
+        budget = cfg.training.exit_duration_in_mins
+        stop = StopWatch(exit_duration_s=budget * 60 if budget else None).install()
         try:
             state = (checkpoints.load() if checkpoints else None) or TrainState()
             if state.iteration:
                 logger.info("resuming at iteration %d (%d samples consumed)", state.iteration,
                             state.consumed_samples)
-            train(job, state, sinks, checkpoints)
+            train(job, state, sinks, checkpoints, stop)
         finally:
+            stop.uninstall()
             sinks.close()
             if checkpoints is not None:
                 checkpoints.close()
+    if state.stopped_early:
+        logger.warning("stopped early at iteration %d; exit code %d means 'resume me'",
+                       state.iteration, EXIT_STOPPED_EARLY)
+        return EXIT_STOPPED_EARLY
     return 0

@@ -39,6 +39,8 @@ class TrainState:
     skipped_iterations: int = 0
     skipped_at: list[int] = field(default_factory=list)
     """Iterations whose step the world agreed to skip (found inf/nan)."""
+    stopped_early: bool = field(default=False, compare=False)
+    """Set when a signal or the time budget ended the run (not saved in checkpoints)."""
 
 
 @dataclass
@@ -185,11 +187,12 @@ def advance(state: TrainState, result: StepResult, global_batch_size: int) -> No
         state.skipped_at.append(state.iteration)
 
 
-def train(job: Job, state: TrainState, sinks, checkpoints=None) -> list[dict]:
+def train(job: Job, state: TrainState, sinks, checkpoints=None, stop=None) -> list[dict]:
     """Train from ``state`` to ``--train-iters`` (or ``--exit-interval``); return the records.
 
     With ``checkpoints`` (a CheckpointManager) and ``--save``, saves every ``--save-interval``
-    iterations and always at the last iteration run.
+    iterations and always at the last iteration run. With ``stop`` (a StopWatch), stops after
+    the first iteration at which any rank got a stop signal or ran out of time budget.
     """
     cfg, ckpt = job.cfg.training, job.cfg.checkpoint
     saving = checkpoints is not None and bool(ckpt.save)
@@ -210,6 +213,11 @@ def train(job: Job, state: TrainState, sinks, checkpoints=None) -> list[dict]:
             last_saved = state.iteration
         if cfg.exit_interval and state.iteration % cfg.exit_interval == 0:
             logger.info("exiting at iteration %d (--exit-interval %d)", state.iteration, cfg.exit_interval)
+            break
+        if stop is not None and stop.agreed(job.runtime.device):
+            state.stopped_early = True
+            logger.warning("stopping at iteration %d: %s", state.iteration,
+                           stop.local_reason() or "another rank asked to stop")
             break
     if saving and last_saved != state.iteration:
         checkpoints.save(state)
