@@ -94,17 +94,36 @@ class EncoderModelConfig(TransformerSizes):
     """Square input image side in pixels."""
     patch_size: int = 8
     """Square patch side in pixels."""
+    class_token_len: int = 8
+    """Class tokens RADIO prepends (dropped before the projector; radio only)."""
+    pixel_shuffle: int = 1
+    """Merge each SxS block of patch embeddings into one token (S^2 x channels) before the
+    projector; RADIO-based VLMs use 2."""
 
     def __post_init__(self) -> None:
         self._validate_sizes("encoder", self.kind, ENCODER_KINDS, image_size=self.image_size,
-                             patch_size=self.patch_size)
+                             patch_size=self.patch_size, pixel_shuffle=self.pixel_shuffle)
         _require(self.image_size % self.patch_size == 0,
                  f"encoder.image_size {self.image_size} must divide by patch_size {self.patch_size}")
+        _require((self.image_size // self.patch_size) % self.pixel_shuffle == 0,
+                 f"encoder patch grid {self.image_size // self.patch_size} must divide by "
+                 f"pixel_shuffle {self.pixel_shuffle}")
+        _require(self.class_token_len >= 0, f"encoder.class_token_len must be >= 0, got {self.class_token_len}")
 
     @property
-    def num_patches(self) -> int:
-        """Patches per image (without class token)."""
-        return (self.image_size // self.patch_size) ** 2
+    def grid(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Embeddings one image contributes to the text sequence (after pixel shuffle)."""
+        return (self.grid // self.pixel_shuffle) ** 2
+
+    @property
+    def projector_input_size(self) -> int:
+        """Channels entering the projector."""
+        return self.hidden_size * self.pixel_shuffle ** 2
 
 
 @dataclass(frozen=True)
@@ -119,12 +138,34 @@ class LanguageModelConfig(TransformerSizes):
     """Tokens per sample, image placeholder tokens included."""
     hybrid_pattern: str = "M*M-"
     """Mamba-hybrid layer pattern: M = Mamba, * = attention, - = MLP (mamba_hybrid only)."""
+    mamba_state_dim: int = 16
+    """SSM state size of every Mamba layer (mamba_hybrid only)."""
+    mamba_head_dim: int = 16
+    """Channels per Mamba head; heads = 2 x hidden_size / mamba_head_dim (mamba_hybrid only)."""
+    mamba_num_groups: int = 2
+    """B/C groups of every Mamba layer; must divide by the language TP (mamba_hybrid only)."""
 
     def __post_init__(self) -> None:
         self._validate_sizes("language", self.kind, LANGUAGE_KINDS, vocab_size=self.vocab_size,
-                             seq_length=self.seq_length)
+                             seq_length=self.seq_length, mamba_state_dim=self.mamba_state_dim,
+                             mamba_head_dim=self.mamba_head_dim,
+                             mamba_num_groups=self.mamba_num_groups)
         _require(set(self.hybrid_pattern) <= set("M*-") and self.hybrid_pattern != "",
                  f"language.hybrid_pattern may hold only 'M', '*', '-', got {self.hybrid_pattern!r}")
+        if self.kind == "mamba_hybrid":
+            _require(len(self.hybrid_pattern) == self.num_layers, (
+                f"language.hybrid_pattern {self.hybrid_pattern!r} has {len(self.hybrid_pattern)} "
+                f"layers but num_layers is {self.num_layers}"))
+            heads = 2 * self.hidden_size // self.mamba_head_dim
+            _require(2 * self.hidden_size % self.mamba_head_dim == 0 and heads % self.mamba_num_groups == 0,
+                     f"mamba heads (2 x hidden_size {self.hidden_size} / mamba_head_dim "
+                     f"{self.mamba_head_dim}) must be whole and divide by mamba_num_groups "
+                     f"{self.mamba_num_groups}")
+
+    @property
+    def mamba_num_heads(self) -> int:
+        """Heads of every Mamba mixer (expand 2)."""
+        return 2 * self.hidden_size // self.mamba_head_dim
 
     @property
     def image_token_id(self) -> int:
@@ -343,9 +384,14 @@ class MimoConfig:
                 f"{branch} branch: num_attention_heads {model.num_attention_heads} must divide by tp {tp}"))
             _require(model.ffn_hidden_size % tp == 0, (
                 f"{branch} branch: ffn_hidden_size {model.ffn_hidden_size} must divide by tp {tp}"))
-        _require(self.language.seq_length > self.encoder.num_patches, (
-            f"language.seq_length {self.language.seq_length} must exceed the image tokens per sample "
-            f"({self.encoder.num_patches})"))
+        _require(self.language.seq_length > self.encoder.num_image_tokens + 1, (
+            f"language.seq_length {self.language.seq_length} must exceed the image tokens per "
+            f"sample + 1 ({self.encoder.num_image_tokens + 1})"))
+        if self.language.kind == "mamba_hybrid":
+            tp = self.language_parallel.tp
+            _require(self.language.mamba_num_groups % tp == 0 and self.language.mamba_num_heads % tp == 0,
+                     f"language branch: mamba_num_groups {self.language.mamba_num_groups} and mamba "
+                     f"heads {self.language.mamba_num_heads} must divide by tp {tp}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for logs and checkpoints)."""

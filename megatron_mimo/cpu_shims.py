@@ -205,6 +205,16 @@ def _fully_reshardable_load_keeps_adam_step() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _hybrid_final_norm_is_local() -> None:
+    """``HybridStack`` always builds its final norm as ``TENorm``, whatever the layer spec; without
+    Transformer Engine that is a stub that raises. Use megatron's torch norm (same parameter
+    name ``final_norm.weight``, honours ``config.normalization``)."""
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
+
+
 def _no_torch_compile() -> None:
     """megatron's ``jit_fuser`` is ``torch.compile``: ~30 s per first call on this CPU."""
     import torch._dynamo
@@ -246,6 +256,8 @@ SHIMS: tuple[Shim, ...] = (
     Shim("fully_reshardable_load_keeps_adam_step", (
         "optimizer/distrib_optimizer.py:1223,2390",
     ), _fully_reshardable_load_keeps_adam_step),
+    Shim("hybrid_final_norm_is_local", ("models/hybrid/hybrid_block.py:215",),
+         _hybrid_final_norm_is_local),
     Shim("no_torch_compile", ("jit.py:21",), _no_torch_compile),
 )
 

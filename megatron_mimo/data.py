@@ -52,7 +52,7 @@ class MockImageText:
 
     def tokens(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Text side ``[b, s]``: input ids, labels (next token), loss mask, position ids."""
-        seq, image_len = self.language.seq_length, self.encoder.num_patches
+        seq, image_len = self.language.seq_length, self.encoder.num_image_tokens
         text_len = seq - 1 - image_len
         vocab_for_text = self.language.vocab_size - 2  # exclude BOS-as-0 overlap and image token
         rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from megatron_mimo.config import (
     EncoderModelConfig,
@@ -51,9 +52,55 @@ def llava_8gpu() -> MimoConfig:
     )
 
 
+def tiny_cpu_nemotron() -> MimoConfig:
+    """4 CPU ranks, Nemotron-style: RADIO (+ pixel shuffle) TP1xDP2 on ranks 0-1, a Mamba-hybrid
+    language model ('M*M-') TP2xDP1 on ranks 2-3."""
+    base = tiny_cpu()
+    return replace(
+        base, name="tiny_cpu_nemotron",
+        encoder=EncoderModelConfig(kind="radio", num_layers=2, hidden_size=64, num_attention_heads=4,
+                                   ffn_hidden_size=128, image_size=32, patch_size=4,
+                                   class_token_len=8, pixel_shuffle=2),
+        language=LanguageModelConfig(kind="mamba_hybrid", num_layers=4, hybrid_pattern="M*M-",
+                                     hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                                     vocab_size=256, seq_length=48, mamba_state_dim=16,
+                                     mamba_head_dim=16, mamba_num_groups=2),
+    )
+
+
+def _nemotron_pattern(blocks: int) -> str:
+    """Nemotron-H-like layout: mostly Mamba+MLP pairs, attention every fourth block."""
+    return "".join("M*-" if i % 4 == 3 else "M-" for i in range(blocks))
+
+
+def nemotron_8gpu() -> MimoConfig:
+    """8 GPUs: RADIO ViT-H/16 at TP2xDP2 on ranks 0-3, a Mamba-hybrid LLM at TP2xDP2 on ranks 4-7."""
+    pattern = _nemotron_pattern(24)
+    return MimoConfig(
+        name="nemotron_8gpu",
+        encoder_parallel=ParallelismConfig(tp=2, dp=2, offset=0),
+        language_parallel=ParallelismConfig(tp=2, dp=2, offset=4),
+        encoder=EncoderModelConfig(kind="radio", num_layers=32, hidden_size=1280,
+                                   num_attention_heads=16, ffn_hidden_size=5120, image_size=512,
+                                   patch_size=16, class_token_len=8, pixel_shuffle=2),
+        language=LanguageModelConfig(kind="mamba_hybrid", num_layers=len(pattern),
+                                     hybrid_pattern=pattern, hidden_size=4096,
+                                     num_attention_heads=32, ffn_hidden_size=16384,
+                                     vocab_size=131072, seq_length=4096, mamba_state_dim=128,
+                                     mamba_head_dim=64, mamba_num_groups=8),
+        optimizer=OptimizerConfig(lr=1e-5, min_lr=1e-6, encoder_lr=2e-6, encoder_min_lr=2e-7,
+                                  weight_decay=0.05, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=200, lr_decay_style="cosine"),
+        training=TrainingConfig(micro_batch_size=2, global_batch_size=256, train_iters=10000),
+        logging=LoggingConfig(log_interval=10),
+    )
+
+
 PRESETS: dict[str, Callable[[], MimoConfig]] = {
     "tiny_cpu": tiny_cpu,
+    "tiny_cpu_nemotron": tiny_cpu_nemotron,
     "llava_8gpu": llava_8gpu,
+    "nemotron_8gpu": nemotron_8gpu,
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.mimo import MimoModel, MimoModelConfig
@@ -10,9 +12,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
 from megatron_mimo.models.common import branch_init_seed
+from megatron_mimo.models.hybrid import mamba_hybrid_spec
 from megatron_mimo.models.language import gpt_spec
 from megatron_mimo.models.vision import images_submodule_spec
 from megatron_mimo.topology import Topology
+
+logger = logging.getLogger(__name__)
 
 
 def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> dict[str, ModuleSpec]:
@@ -23,8 +28,14 @@ def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> d
     return {
         IMAGES: images_submodule_spec(cfg.encoder, cfg.language.hidden_size,
                                       cfg.encoder_parallel.tp, pgs_or_none(IMAGES), device),
-        LANGUAGE: gpt_spec(cfg.language, cfg.language_parallel.tp, pgs_or_none(LANGUAGE), device),
+        LANGUAGE: language_spec(cfg, pgs_or_none(LANGUAGE), device),
     }
+
+
+def language_spec(cfg: MimoConfig, pgs, device: torch.device) -> ModuleSpec:
+    """GPT or Mamba-hybrid language model, by ``--llm-kind``."""
+    build = mamba_hybrid_spec if cfg.language.kind == "mamba_hybrid" else gpt_spec
+    return build(cfg.language, cfg.language_parallel.tp, pgs, device)
 
 
 def ddp_config() -> DistributedDataParallelConfig:
@@ -53,7 +64,8 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     model.to(device)
     branch = topology.my_branch
     pgs = topology.pgs(branch)
-    apply_branch_tp_group(model, pgs.tp)
+    fixed = apply_branch_tp_group(model, pgs.tp)
+    logger.debug("%s branch: set the branch TP group on %s", branch, ", ".join(fixed) or "nothing")
     if branch == IMAGES:
         inner = model.modality_submodules[IMAGES]
         model.modality_submodules[IMAGES] = wrap_ddp(inner, pgs, _first_config(inner))

@@ -1,25 +1,50 @@
-"""Images branch: CLIP-style ViT (megatron-core ``CLIPViTModel``) + MLP projector.
-
-The encoder outputs one embedding per patch (no class token), so an image fills exactly
-``num_patches`` image-token positions of the text sequence.
+"""Images branch: a ViT backbone (megatron-core ``CLIPViTModel``, or ``RADIOViTModel`` for
+RADIO), class tokens dropped, optional pixel shuffle, then an MLP projector into the language
+hidden size. One image fills exactly ``num_image_tokens`` image-token slots of the text.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.models.vision.radio import RADIOViTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_mimo.config import EncoderModelConfig
 from megatron_mimo.models.common import TransformerShape, build_transformer_config, te_available
 
 ENCODER_NAME = "vit"
-"""Key of the ViT inside the images submodule (``modality_inputs['images']['vit']``)."""
+"""Key of the encoder inside the images submodule (``modality_inputs['images']['vit']``)."""
+
+
+class PatchTokens(MegatronModule):
+    """Backbone ``[b, cls + grid^2, h]`` -> patch tokens ``[b, (grid/s)^2, s^2 h]``.
+
+    Drops the class tokens RADIO prepends and merges each s x s block of neighbouring patch
+    embeddings into one token (pixel shuffle), as RADIO-based VLMs feed their projector.
+    """
+
+    def __init__(self, backbone: ModuleSpec, class_tokens: int, pixel_shuffle: int, grid: int,
+                 tp_group) -> None:
+        super().__init__(config=backbone.params["transformer_config"])
+        self.backbone = build_module(backbone)
+        self.class_tokens, self.pixel_shuffle, self.grid = class_tokens, pixel_shuffle, grid
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone(x)[:, self.class_tokens:]
+        if self.pixel_shuffle == 1:
+            return tokens
+        s = self.pixel_shuffle
+        return rearrange(tokens, "b (h sh w sw) c -> b (h w) (sh sw c)",
+                         h=self.grid // s, sh=s, w=self.grid // s, sw=s)
 
 
 def _layer_spec_and_norm(device: torch.device):
@@ -36,28 +61,45 @@ def _layer_spec_and_norm(device: torch.device):
     return get_vit_layer_with_local_spec(), WrappedTorchNorm
 
 
+def backbone_spec(cfg: EncoderModelConfig, tp: int, pgs: ProcessGroupCollection,
+                  device: torch.device) -> ModuleSpec:
+    """CLIP-style ViT (no class token) or RADIO ViT (``class_token_len`` class tokens, CPE)."""
+    config = build_transformer_config(TransformerShape.of(cfg), tp, device)
+    layer_spec, norm = _layer_spec_and_norm(device)
+    common = {"transformer_config": config, "transformer_layer_spec": layer_spec,
+              "patch_dim": cfg.patch_size, "img_h": cfg.image_size, "img_w": cfg.image_size,
+              "pg_collection": pgs}
+    if cfg.kind == "radio":
+        return ModuleSpec(module=RADIOViTModel, params={
+            **common, "add_class_token": cfg.class_token_len > 0,
+            "class_token_len": cfg.class_token_len, "max_img_h": 2 * cfg.image_size,
+            "max_img_w": 2 * cfg.image_size, "has_cpe": True})
+    return ModuleSpec(module=CLIPViTModel, params={
+        **common, "ln_pre_impl": norm, "add_class_token": False, "class_token_len": 0})
+
+
+def class_tokens_of(cfg: EncoderModelConfig) -> int:
+    """Leading tokens of the backbone output that are not patches."""
+    return cfg.class_token_len if cfg.kind == "radio" else 0
+
+
 def images_submodule_spec(cfg: EncoderModelConfig, language_hidden_size: int, tp: int,
                           pgs: ProcessGroupCollection, device: torch.device) -> ModuleSpec:
-    """ModuleSpec of the images branch for ``MimoModel`` (ViT encoder + 2-layer MLP projector)."""
-    shape = TransformerShape.of(cfg)
-    vit_config = build_transformer_config(shape, tp, device)
-    layer_spec, norm = _layer_spec_and_norm(device)
-    vit = ModuleSpec(module=CLIPViTModel, params={
-        "transformer_config": vit_config, "transformer_layer_spec": layer_spec,
-        "ln_pre_impl": norm, "add_class_token": False, "class_token_len": 0,
-        "patch_dim": cfg.patch_size, "img_h": cfg.image_size, "img_w": cfg.image_size,
-        "pg_collection": pgs,
-    })
+    """ModuleSpec of the images branch for ``MimoModel`` (encoder + 2-layer MLP projector)."""
+    encoder = ModuleSpec(module=PatchTokens, params={
+        "backbone": backbone_spec(cfg, tp, pgs, device), "class_tokens": class_tokens_of(cfg),
+        "pixel_shuffle": cfg.pixel_shuffle, "grid": cfg.grid,
+        "tp_group": pgs.tp if pgs is not None else None})
     projector_config = build_transformer_config(
         TransformerShape(1, language_hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size),
         tp, device)
     projector = ModuleSpec(module=MultimodalProjector, params={
         "config": projector_config,
         "submodules": MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        "projector_type": "mlp", "input_size": cfg.hidden_size, "pg_collection": pgs,
+        "projector_type": "mlp", "input_size": cfg.projector_input_size, "pg_collection": pgs,
     })
     return ModuleSpec(module=VisionModalitySubmodules,
-                      submodules={"encoders": {ENCODER_NAME: vit}, "input_projections": [projector]},
+                      submodules={"encoders": {ENCODER_NAME: encoder}, "input_projections": [projector]},
                       params={"pg_collection": pgs})
 
 

@@ -11,9 +11,9 @@ from tests.workers.ckpt_world import N
 pytestmark = pytest.mark.dist
 
 WORKER = "tests.workers.ckpt_world"
-RANKS = {"L1": 4, "L2": 4, "L3": 2}
+RANKS = {"L1": 4, "L2": 4, "L3": 2, "NEMO": 4}  # NEMO: RADIO + Mamba hybrid (tiny_cpu_nemotron)
 FULLY = {"checkpoint__dist_ckpt_optim_fully_reshardable": True}
-OVERRIDES = {"L1": {}, "L2": FULLY, "L3": {}}  # L2 saves optimizer state fully_reshardable
+OVERRIDES = {"L1": {}, "L2": FULLY, "L3": {}, "NEMO": {}}  # L2 saves optimizer state fully_reshardable
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def ab(root):
 def c(root, ab):
     # L1 first probes L2's fully_reshardable checkpoint (another layout), L2 probes L1's
     # dp_reshardable one (must be refused at once), then each resumes its own.
-    foreign = {"L1": root / "L2", "L2": root / "L1", "L3": None}
+    foreign = {"L1": root / "L2", "L2": root / "L1", "L3": None, "NEMO": None}
     return {layout: run_world(WORKER, RANKS[layout], {
         "mode": "c", "layout": layout, "root": str(root / layout), "overrides": OVERRIDES[layout],
         "foreign_root": str(foreign[layout]) if foreign[layout] else None}, timeout=300)

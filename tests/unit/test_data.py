@@ -23,7 +23,7 @@ def test_samples_are_a_pure_function_of_seed_and_index(data):
 
 def test_text_layout_and_masks(data):
     batch = data.tokens([0, 1])
-    image_id, patches = data.language.image_token_id, data.encoder.num_patches
+    image_id, patches = data.language.image_token_id, data.encoder.num_image_tokens
     assert batch["input_ids"].shape == (2, data.language.seq_length)
     assert ((batch["input_ids"] == image_id).sum(dim=1) == patches).all()
     assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])

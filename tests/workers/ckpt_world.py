@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megatron_mimo.cli import apply_overrides
 from megatron_mimo.config import IMAGES, MimoConfig
-from megatron_mimo.presets import tiny_cpu
+from megatron_mimo.presets import tiny_cpu, tiny_cpu_nemotron
 from tests.workers.common import forbid_parallel_state_groups, worker_main
 
 N = 3
@@ -32,7 +32,9 @@ LAYOUTS = {
     "L3": {"encoder_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.offset": 1},
     "DP3": {"encoder_parallel.dp": 3, "language_parallel.tp": 1, "language_parallel.offset": 3,
             "training.micro_batch_size": 3, "training.global_batch_size": 6},
+    "NEMO": {},  # tiny_cpu_nemotron: RADIO TP1xDP2 on 0-1, Mamba hybrid TP2xDP1 on 2-3
 }
+PRESET = {"NEMO": tiny_cpu_nemotron}
 
 
 def make_cfg(layout: str, **overrides: Any) -> MimoConfig:
@@ -42,7 +44,7 @@ def make_cfg(layout: str, **overrides: Any) -> MimoConfig:
             "training.global_batch_size": 8, "training.eval_iters": 1,
             "checkpoint.ckpt_timeout_s": 20}
     dotted = {k.replace("__", "."): v for k, v in overrides.items()}
-    return apply_overrides(tiny_cpu(), {**base, **LAYOUTS[layout], **dotted})
+    return apply_overrides(PRESET.get(layout, tiny_cpu)(), {**base, **LAYOUTS[layout], **dotted})
 
 
 class Run:

@@ -1,0 +1,65 @@
+"""Nemotron-style branches (RADIO + Mamba hybrid) at encoder TP2 and language TP2, with every
+parallel_state getter made to raise: build, train, sharded_state_dict, save -> load."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+from tests.workers.common import forbid_parallel_state_groups, worker_main
+
+LAYOUT = {"encoder_parallel.tp": 2, "encoder_parallel.dp": 1, "language_parallel.tp": 2,
+          "language_parallel.dp": 1, "training.train_iters": 2}
+
+
+def _sharding_report(sharded: dict) -> dict[str, Any]:
+    tensors = []
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensorFactory):
+            value = value.data if isinstance(value.data, ShardedTensor) else None
+        if isinstance(value, ShardedTensor):
+            tensors.append(value)
+    main = sorted((t.key, tuple(t.global_offset)) for t in tensors
+                  if not any(r != 0 for r in (t.replica_id if isinstance(t.replica_id, tuple)
+                                              else (t.replica_id,))))
+    split = [t for t in tensors if tuple(t.local_shape) != tuple(t.global_shape)]
+    return {"main_shards": main, "num_tensors": len(tensors),
+            "fragments_per_split_key": {t.key: int(torch.tensor(t.axis_fragmentations).prod())
+                                        for t in split},
+            "num_split": len(split)}
+
+
+def body(args: dict[str, Any]) -> dict[str, Any]:
+    from megatron_mimo.cli import apply_overrides
+    from megatron_mimo.presets import tiny_cpu_nemotron
+    from tests.workers.ckpt_world import Run
+
+    forbid_parallel_state_groups()
+    cfg = apply_overrides(tiny_cpu_nemotron(), {**LAYOUT, "checkpoint.save": args["root"],
+                                                "checkpoint.load": args["root"]})
+    run = Run(cfg)
+    losses = [run.step()["loss"] for _ in range(2)]
+    grads_seen = all(p.main_grad is not None for p in run.job.branch_ddp.parameters())
+    report = _sharding_report(run.job.model.sharded_state_dict())
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (run.job.branch, report["main_shards"]))
+    run.manager.save(run.state)
+    saved = {n: p.detach().clone() for n, p in run.job.model.named_parameters()}
+    run.close()
+    again = Run(cfg)
+    again.load()
+    same = all(torch.equal(saved[n], p) for n, p in again.job.model.named_parameters())
+    out = {"branch": again.job.branch, "losses": losses, "grads_seen": grads_seen,
+           "report": {k: v for k, v in report.items() if k != "main_shards"},
+           "main_shards_by_rank": gathered, "round_trip_bitwise": same,
+           "num_params": len(saved), "eval": again.eval_loss()}
+    again.close()
+    return out
+
+
+if __name__ == "__main__":
+    worker_main(body)
