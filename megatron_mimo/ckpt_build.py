@@ -162,6 +162,11 @@ def _load_schedulers(job: Job, own_state: dict[str, Any]) -> None:
     for name, scheduler in job.schedulers.schedulers.items():
         scheduler.num_steps = 0  # load_state_dict *adds* the saved steps (no double stepping)
         if name == job.branch:
+            changed = {k: (v, own_state[k]) for k, v in scheduler.state_dict().items()
+                       if k != "num_steps" and own_state.get(k) != v}
+            if changed:
+                logger.warning("%s LR schedule: the checkpoint's values win over the flags: %s "
+                               "(flag value, checkpoint value)", name, changed)
             scheduler.load_state_dict(own_state)
         else:
             scheduler.step(increment=own_state["num_steps"])
