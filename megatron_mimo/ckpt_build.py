@@ -99,9 +99,11 @@ def build_state(job: Job, state, plan: LoadPlan) -> dict[str, Any]:
         sharded["optimizer"] = job.optimizer.sharded_state_dict(
             model_sd, is_loading=not plan.save,
             metadata={"distrib_optim_sharding_type": plan.sharding_type})
-    if plan.scheduler:
-        sharded["scheduler"] = branch_object(
-            f"scheduler.{branch}", job.schedulers.schedulers[branch].state_dict(), pgs)
+    if plan.scheduler:  # a save writes this branch's; a load reads every branch's (for logging)
+        names = [branch] if plan.save else list(job.schedulers.schedulers)
+        sharded["scheduler"] = {name: branch_object(
+            f"scheduler.{name}", job.schedulers.schedulers[name].state_dict(), pgs,
+            foreign=name != branch) for name in names}
     if plan.progress:
         consumed = state.consumed_samples if state is not None else 0
         skipped = list(state.skipped_at) if state is not None else []
@@ -157,16 +159,14 @@ def apply_loaded(job: Job, loaded: dict[str, Any], plan: LoadPlan):
     return state
 
 
-def _load_schedulers(job: Job, own_state: dict[str, Any]) -> None:
-    """Restore this branch's scheduler; move the other branches' stand-ins to the same step."""
+def _load_schedulers(job: Job, states: dict[str, dict[str, Any]]) -> None:
+    """Restore every branch's scheduler (this rank's is real, the others drive LR logging)."""
     for name, scheduler in job.schedulers.schedulers.items():
+        saved = states[name]
+        changed = {k: (v, saved[k]) for k, v in scheduler.state_dict().items()
+                   if k != "num_steps" and saved.get(k) != v}
+        if changed and name == job.branch:
+            logger.warning("%s LR schedule: the checkpoint's values win over the flags: %s "
+                           "(flag value, checkpoint value)", name, changed)
         scheduler.num_steps = 0  # load_state_dict *adds* the saved steps (no double stepping)
-        if name == job.branch:
-            changed = {k: (v, own_state[k]) for k, v in scheduler.state_dict().items()
-                       if k != "num_steps" and own_state.get(k) != v}
-            if changed:
-                logger.warning("%s LR schedule: the checkpoint's values win over the flags: %s "
-                               "(flag value, checkpoint value)", name, changed)
-            scheduler.load_state_dict(own_state)
-        else:
-            scheduler.step(increment=own_state["num_steps"])
+        scheduler.load_state_dict(saved)

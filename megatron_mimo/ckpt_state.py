@@ -30,9 +30,12 @@ def replica_id(pgs) -> tuple[int, int, int]:
     return (pgs.tp.rank(), pgs.pp.rank(), pgs.dp.rank())
 
 
-def branch_object(key: str, data: Any, pgs) -> ShardedObject:
-    """One object per branch, written by the branch's first rank, read by all its ranks."""
-    return ShardedObject(key, data, (1,), (0,), replica_id=replica_id(pgs))
+def branch_object(key: str, data: Any, pgs, foreign: bool = False) -> ShardedObject:
+    """One object per branch, written by the branch's first rank, read by all its ranks.
+
+    ``foreign``: another branch's object this rank only reads (never a main replica)."""
+    rid = replica_id(pgs)
+    return ShardedObject(key, data, (1,), (0,), replica_id=(1, *rid) if foreign else rid)
 
 
 def rank_object(key: str, data: Any, local_rank: int, branch_size: int) -> ShardedObject:

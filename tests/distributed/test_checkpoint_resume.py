@@ -168,3 +168,10 @@ def test_no_load_scheduler_restarts_schedule(ab, flags):
         assert got["iteration"] == N
         assert got["lr"] == rank["fresh"]["lr"] != rank_ab["a"][N - 1]["lr"]
         assert not got["adam_empty_or_zero"]
+
+
+def test_resumed_schedule_comes_from_the_checkpoint_for_every_branch(ab, flags):  # pitfall 7
+    # a resume with another --train-iters keeps the saved schedule, on both branches' LRs
+    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+        assert rank["longer_run"]["lr"] == rank_ab["a"][N - 1]["lr"]
+        assert rank["longer_run"]["next"]["lr"] == rank_ab["a"][N]["lr"]

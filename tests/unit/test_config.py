@@ -34,7 +34,7 @@ def test_every_preset_builds_and_round_trips_through_dict(name):
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ConfigError, match="known presets: llava_8gpu, tiny_cpu"):
+    with pytest.raises(ConfigError, match="known presets: llava_8gpu, nemotron_8gpu, tiny_cpu, tiny_cpu_nemotron"):
         get_preset("nope")
 
 

@@ -209,6 +209,10 @@ def mode_flags(args: dict) -> dict:
                      "eval": run.eval_loss()}
         out[flag]["next"] = run.step()
         run.close()
+    longer = Run(make_cfg("L3", checkpoint__load=root, training__train_iters=4 * N))
+    longer.load()
+    out["longer_run"] = {"lr": longer.job.schedulers.lrs(), "next": longer.step()}
+    longer.close()
     return out
 
 
