@@ -74,8 +74,8 @@ def _is_cuda_device(device: Any) -> bool:
 class CudaLiteralsToCpu(TorchFunctionMode):
     """Rewrites the CUDA spellings megatron-core hard-codes into their CPU meaning.
 
-    * ``device="cuda"`` on factory calls -> the CPU;
-    * ``Tensor.cuda()`` -> the tensor itself;
+    * a CUDA ``device`` keyword on factory calls -> the CPU;
+    * ``Tensor.cuda`` calls -> the tensor itself;
     * ``Tensor.type()`` of a CPU float tensor -> ``torch.cuda.FloatTensor`` (the optimizer
       accepts only the CUDA type names as "fp32 parameter").
     """
@@ -118,7 +118,7 @@ class _GlooBridgeDist:
 
 
 def _bridge_groups_use_default_backend() -> None:
-    """The bridge creates its groups with ``backend='nccl'``; use the world's backend instead."""
+    """The bridge creates its groups with the NCCL backend hard-coded; use the world's instead."""
     from megatron.core.pipeline_parallel import bridge_communicator
 
     bridge_communicator.dist = _GlooBridgeDist()  # type: ignore[assignment]

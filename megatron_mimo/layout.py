@@ -110,22 +110,6 @@ def check_batch_split(specs: Sequence[BranchSpec], global_batch_size: int,
                 f"micro_batch_size x language dp is a multiple of {spec.dp}")
 
 
-def dp_rank_of(spec: BranchSpec, global_rank: int) -> int:
-    """DP rank of ``global_rank`` within its branch (grid order tp-cp-dp-pp, tp fastest)."""
-    local = global_rank - spec.rank_offset
-    if not 0 <= local < spec.num_ranks:
-        raise ValueError(f"rank {global_rank} is not in {spec.describe()}")
-    return (local // spec.tp) % spec.dp
-
-
-def tp_rank_of(spec: BranchSpec, global_rank: int) -> int:
-    """TP rank of ``global_rank`` within its branch."""
-    local = global_rank - spec.rank_offset
-    if not 0 <= local < spec.num_ranks:
-        raise ValueError(f"rank {global_rank} is not in {spec.describe()}")
-    return local % spec.tp
-
-
 def branch_of(specs: Sequence[BranchSpec], global_rank: int) -> BranchSpec:
     """The branch that owns ``global_rank``."""
     for spec in specs:

@@ -5,7 +5,7 @@ megatron-core's ``get_mimo_optimizer`` gives every branch the same ``OptimizerCo
 the per-branch optimizers ourselves (same calls) so each branch gets its own LR, then hand them
 to the stock ``MimoOptimizer``, which agrees found-inf (MAX), per-branch grad-norm^2 (MAX, then
 sum) and success (MIN) over the whole world, in the same order on every rank. Its hard-coded
-``device="cuda"`` tensors are handled on the CPU by :mod:`megatron_mimo.cpu_shims`.
+CUDA-only tensors are handled on the CPU by :mod:`megatron_mimo.cpu_shims`.
 """
 
 from __future__ import annotations

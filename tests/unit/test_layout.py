@@ -8,8 +8,6 @@ from megatron_mimo.layout import (
     branch_of,
     check_batch_split,
     check_layout,
-    dp_rank_of,
-    tp_rank_of,
 )
 
 IMAGES = BranchSpec("images", tp=1, dp=2, rank_offset=0)
@@ -46,11 +44,8 @@ def test_batch_split():
         check_batch_split([IMAGES, LANGUAGE], global_batch_size=6, job_micro_batch=4)
 
 
-def test_rank_helpers_follow_tp_fastest_order():
-    spec = BranchSpec("language", tp=2, dp=3, pp=2, rank_offset=4)
-    # local index = tp + 2*dp + 6*pp
-    assert [tp_rank_of(spec, r) for r in range(4, 10)] == [0, 1, 0, 1, 0, 1]
-    assert [dp_rank_of(spec, r) for r in range(4, 16)] == [0, 0, 1, 1, 2, 2] * 2
+def test_branch_of_finds_the_owner():
     assert branch_of([IMAGES, LANGUAGE], 3) is LANGUAGE
-    with pytest.raises(ValueError):
-        dp_rank_of(spec, 3)
+    assert branch_of([IMAGES, LANGUAGE], 0) is IMAGES
+    with pytest.raises(ValueError, match="belongs to no branch"):
+        branch_of([IMAGES, LANGUAGE], 4)
