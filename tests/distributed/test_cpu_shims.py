@@ -15,7 +15,7 @@ def report():
 
 
 @pytest.mark.parametrize("check", ["l2_norm", "clip", "stream", "current_device", "bridge_group",
-                                   "dot_cuda"])
+                                   "dot_cuda", "rng_tracker", "hybrid_final_norm"])
 def test_call_fails_without_shims(report, check):
     assert not report["before"][check]["ok"], report["before"][check]
 
@@ -28,6 +28,8 @@ def test_calls_give_cpu_results_with_shims(report):
     assert after["current_device"]["value"] == "cpu"
     assert after["bridge_group"]["value"] == "gloo"
     assert after["dot_cuda"]["value"] == "cpu"
+    assert after["rng_tracker"]["value"] is True  # the named stream lives on the CPU generator
+    assert after["hybrid_final_norm"]["value"] == "RMSNorm"
 
 
 def test_every_shim_applied_once(report):

@@ -50,8 +50,28 @@ def _checks():
     def dot_cuda():  # Tensor.cuda() is a no-op
         return str(torch.ones(1).cuda().device)
 
+    def rng_tracker():  # tensor_parallel/random.py: CUDA generator states
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        tracker = mcore_random.get_cuda_rng_tracker()
+        tracker.reset()
+        tracker.add("probe-stream", 4321)
+        with tracker.fork("probe-stream"):
+            inside = torch.rand(1).item()
+        expected = torch.Generator().manual_seed(4321)
+        return inside == torch.rand(1, generator=expected).item()
+
+    def hybrid_final_norm():  # models/hybrid/hybrid_block.py:215 always builds TENorm
+        from megatron.core.models.hybrid import hybrid_block
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                   normalization="RMSNorm", use_cpu_initialization=True)
+        return type(hybrid_block.TENorm(config=config, hidden_size=8, eps=1e-5)).__name__
+
     return {"l2_norm": l2_norm, "clip": clip, "stream": stream, "current_device": current_device,
-            "bridge_group": bridge_group, "dot_cuda": dot_cuda}
+            "bridge_group": bridge_group, "dot_cuda": dot_cuda, "rng_tracker": rng_tracker,
+            "hybrid_final_norm": hybrid_final_norm}
 
 
 def main() -> None:
