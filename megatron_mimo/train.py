@@ -2,8 +2,9 @@
 
 A step, on every rank of the world, in this order:
 1. micro-steps: images ranks encode and send over the bridge, then backprop the gradient that
-   comes back; language ranks receive, run the LLM with per-token loss, backprop, send the
-   embedding gradient back;
+   comes back (encoding the next micro-step while the language ranks work on the current one);
+   language ranks receive, run the LLM with per-token loss, backprop, send the embedding
+   gradient back;
 2. per-branch DP grad sync (DDP, summed), then one world all-reduce of (loss sum, token count)
    and every gradient scaled by 1 / global token count (the loss is a mean over all tokens);
 3. ``MimoOptimizer.step()`` (world-agreed found-inf, grad norm, success);
@@ -69,19 +70,39 @@ class PhaseTimer:
             self.ms[name] += (time.perf_counter() - start) * 1e3
 
 
-def _images_micro_step(job: Job, indices: list[int], timer: PhaseTimer, forward_only: bool) -> None:
+def _images_forward(job: Job, indices: list[int], timer: PhaseTimer,
+                    forward_only: bool) -> torch.Tensor:
     pixels = job.dataset.pixels(indices).to(job.runtime.device)
     with timer("encoder"), torch.set_grad_enabled(not forward_only):
         outputs, _ = job.model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
-        embeddings = outputs[IMAGES]
-    with timer("bridge"):
-        job.bridge.send_forward(embeddings.detach())
+    return outputs[IMAGES]
+
+
+def _images_steps(job: Job, indices: list[list[int]], timer: PhaseTimer, forward_only: bool) -> None:
+    """Images side of one global batch. The encoder computes micro-step m+1 while the language
+    ranks work on m: send F0; then per m: forward m+1, receive grad m, backward m, send F(m+1).
+    Bridge calls pair up in the order the language side makes them (recv F m, send grad m)."""
     if forward_only:
+        for micro in indices:
+            embeddings = _images_forward(job, micro, timer, forward_only=True)
+            with timer("bridge"):
+                job.bridge.send_forward(embeddings)
         return
+    pending = _images_forward(job, indices[0], timer, forward_only=False)
     with timer("bridge"):
-        grad = job.bridge.recv_backward()
-    with timer("encoder"):
-        torch.autograd.backward(embeddings, grad)
+        job.bridge.send_forward(pending.detach())
+    for step in range(len(indices)):
+        upcoming = None
+        if step + 1 < len(indices):
+            upcoming = _images_forward(job, indices[step + 1], timer, forward_only=False)
+        with timer("bridge"):
+            grad = job.bridge.recv_backward()
+        with timer("encoder"):
+            torch.autograd.backward(pending, grad)
+        if upcoming is not None:
+            with timer("bridge"):
+                job.bridge.send_forward(upcoming.detach())
+            pending = upcoming
 
 
 def _language_micro_step(job: Job, indices: list[int], timer: PhaseTimer,
@@ -109,14 +130,15 @@ def forward_backward(job: Job, consumed_samples: int, timer: PhaseTimer, forward
     """Run every micro-step of one global batch; return this rank's (loss sum, token count)."""
     loss_sum = torch.zeros((), device=job.runtime.device)
     tokens = torch.zeros((), device=job.runtime.device)
-    for micro_step in range(job.cfg.num_microbatches):
-        indices = job.sampler.indices(consumed_samples, micro_step, base=index_base)
-        if job.branch == IMAGES:
-            _images_micro_step(job, indices, timer, forward_only)
-        else:
-            micro_loss, micro_tokens = _language_micro_step(job, indices, timer, forward_only)
-            loss_sum += micro_loss
-            tokens += micro_tokens
+    indices = [job.sampler.indices(consumed_samples, micro_step, base=index_base)
+               for micro_step in range(job.cfg.num_microbatches)]
+    if job.branch == IMAGES:
+        _images_steps(job, indices, timer, forward_only)
+        return loss_sum, tokens
+    for micro in indices:
+        micro_loss, micro_tokens = _language_micro_step(job, micro, timer, forward_only)
+        loss_sum += micro_loss
+        tokens += micro_tokens
     return loss_sum, tokens
 
 
