@@ -29,7 +29,7 @@ def main() -> int:
             result = train_step(job, state)
             totals.append((time.perf_counter() - start) * 1e3)
             phases.append(result.phase_ms)
-            advance(state, result, cfg.training.global_batch_size)
+            advance(state, result, cfg.training.global_batch_size, job.num_parameters)
         kept = range(WARMUP, len(totals))
         names = sorted({name for p in phases for name in p})
         mine = {"rank": dist.get_rank(), "branch": job.branch,

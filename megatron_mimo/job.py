@@ -33,6 +33,8 @@ class Job:
     bridge: BridgeCommunicator
     dataset: MockImageText
     sampler: BranchSampler
+    num_parameters: int = 0
+    """Parameters of both branches (world-wide, TP shards added up once per branch)."""
 
     @property
     def branch(self) -> str:
@@ -81,7 +83,17 @@ def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     spec = topology.spec(branch)
     sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
     dataset = MockImageText(cfg.encoder, cfg.language, cfg.training.seed)
-    return Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)
+    job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)
+    job.num_parameters = count_parameters(job)
+    return job
+
+
+def count_parameters(job: Job) -> int:
+    """Both branches' parameter count: one DP replica of each branch reports its TP shards."""
+    local = sum(p.numel() for p in job.branch_ddp.parameters()) if job.topology.dp_rank() == 0 else 0
+    total = torch.tensor([float(local)], device=job.runtime.device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def destroy_job(job: Job) -> None:

@@ -37,6 +37,8 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
+    floating_point_operations: float = 0.0
+    """Training FLOPs so far, estimated as 6 x parameters x loss tokens (both branches)."""
     skipped_iterations: int = 0
     skipped_at: list[int] = field(default_factory=list)
     """Iterations whose step the world agreed to skip (found inf/nan)."""
@@ -196,14 +198,18 @@ def iteration_record(state: TrainState, result: StepResult, lrs: dict[str, float
             "loss": result.loss, "grad_norm": result.grad_norm, "lr": lrs,
             "num_tokens": result.num_tokens, "skipped": result.skipped,
             "skipped_iterations": state.skipped_iterations,
+            "consumed_tokens": state.consumed_tokens,
+            "floating_point_operations": state.floating_point_operations,
             "ms_per_iteration": elapsed_s * 1e3, "tokens_per_s": result.num_tokens / max(elapsed_s, 1e-9)}
 
 
-def advance(state: TrainState, result: StepResult, global_batch_size: int) -> None:
+def advance(state: TrainState, result: StepResult, global_batch_size: int,
+            num_parameters: int = 0) -> None:
     """Account one finished iteration (data is consumed even when the step was skipped)."""
     state.iteration += 1
     state.consumed_samples += global_batch_size
     state.consumed_tokens += result.num_tokens
+    state.floating_point_operations += 6.0 * num_parameters * result.num_tokens
     state.skipped_iterations += int(result.skipped)
     if result.skipped:
         state.skipped_at.append(state.iteration)
@@ -223,7 +229,7 @@ def train(job: Job, state: TrainState, sinks, checkpoints=None, stop=None) -> li
     while state.iteration < cfg.train_iters:
         start = time.perf_counter()
         result = train_step(job, state)
-        advance(state, result, cfg.global_batch_size)
+        advance(state, result, cfg.global_batch_size, job.num_parameters)
         record = iteration_record(state, result, job.schedulers.lrs(), time.perf_counter() - start)
         records.append(record)
         log_now = state.iteration % job.cfg.logging.log_interval == 0 or state.iteration == 1

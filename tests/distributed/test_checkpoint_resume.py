@@ -47,7 +47,7 @@ def test_resumed_run_equals_straight_run_bitwise(ab, c, layout):
         resumed = rank_c["records"]
         assert [r["iteration"] for r in resumed] == list(range(N + 1, 2 * N + 1))
         for want, got in zip(straight, resumed, strict=True):
-            for key in ("loss", "grad_norm", "lr", "consumed"):
+            for key in ("loss", "grad_norm", "lr", "consumed", "tokens", "flops"):
                 assert got[key] == want[key], (layout, got["iteration"], key, got[key], want[key])
         # run B itself followed A for its N iterations
         assert rank_ab["b"] == rank_ab["a"][:N]
@@ -66,6 +66,7 @@ def test_rng_streams_and_data_indices_continue(ab, c, layout):  # pitfalls 6 and
         assert rank_c["rng"] == rank_ab["snapshot"]["rng"]
         assert rank_c["indices"] == rank_ab["snapshot"]["indices"]
         assert rank_c["iteration"] == N and rank_c["consumed"] == N * 8
+        assert rank_ab["a"][0]["flops"] > 0
 
 
 @pytest.mark.parametrize("layout", list(RANKS))

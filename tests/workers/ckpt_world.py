@@ -77,9 +77,10 @@ class Run:
         result = train_step(self.job, self.state)
         if inject_found_inf and opt is not None:
             del opt.prepare_grads
-        advance(self.state, result, self.cfg.training.global_batch_size)
+        advance(self.state, result, self.cfg.training.global_batch_size, self.job.num_parameters)
         return {"iteration": self.state.iteration, "loss": result.loss, "grad_norm": result.grad_norm,
                 "lr": self.job.schedulers.lrs(), "consumed": self.state.consumed_samples,
+                "tokens": self.state.consumed_tokens, "flops": self.state.floating_point_operations,
                 "skipped": result.skipped}
 
     def eval_loss(self) -> float:
