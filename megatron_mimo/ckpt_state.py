@@ -78,6 +78,8 @@ def ensure_adam_state(optimizer) -> None:
     ``:1223`` reads ``state['step']``. Zeros are what Adam would start from anyway.
     """
     inner = optimizer.optimizer
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return  # TE/apex optimizers keep step in the param groups and build state themselves
     for group in inner.param_groups:
         for param in group["params"]:
             if param not in inner.state or not inner.state[param]:
@@ -94,6 +96,8 @@ def rebuild_adam_steps(optimizer) -> None:
     the pre-load step back over it; both silently change Adam's bias correction.
     """
     inner = optimizer.optimizer
+    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+        return  # only torch's Adam keeps a per-parameter step tensor
     for group in inner.param_groups:
         if "step" not in group:
             continue
