@@ -3,9 +3,10 @@
     torchrun --standalone --nproc-per-node 4 bench/ckpt_speed.py --config tiny_cpu \
         --save /tmp/ckpt-bench --load /tmp/ckpt-bench
 
-Trains one iteration, then saves 3 times and loads once with megatron-mimo's CheckpointManager,
+Trains one iteration, then saves 3 times and loads twice with megatron-mimo's CheckpointManager,
 and saves the same local tensors (model + optimizer state, main replicas) 3 times with plain
-``torch.distributed.checkpoint.save``. Prints JSON (rank 0) with per-save times and ratios.
+``torch.distributed.checkpoint.save``. Prints JSON (rank 0) with per-save times and ratios, and
+per rank how far the peak RSS rose during a load vs during a training step (resume memory spike).
 """
 
 import json
@@ -26,6 +27,21 @@ from megatron_mimo.launch import started_job
 from megatron_mimo.train import TrainState, advance, train_step
 
 REPEATS = 3
+
+
+def peak_rss_growth(fn) -> int:
+    """Bytes the process's peak RSS rose above its RSS at the start of ``fn`` (Linux only):
+    resets the high-water mark through /proc/self/clear_refs, runs ``fn``, reads VmHWM."""
+    def status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    Path("/proc/self/clear_refs").write_text("5")
+    start = status("VmRSS")
+    fn()
+    return status("VmHWM") - start
 
 
 def plain_tensors(job, state) -> dict:
@@ -53,6 +69,11 @@ def main() -> int:
         ours = [timed(lambda: manager.save(state)) for _ in range(REPEATS)]
         ours_bytes = directory_bytes(root / f"iter_{state.iteration:07d}")
         load = timed(manager.load)
+        load_peak = peak_rss_growth(manager.load)  # pitfall 10: state materialised twice?
+        step_peak = peak_rss_growth(lambda: train_step(job, TrainState(**vars(state))))
+        peaks = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,
+                                       "train_step_peak_growth_bytes": step_peak})
         tensors = plain_tensors(job, state)
         plain_dir = root / "plain_dcp"
         plain = []
@@ -70,6 +91,7 @@ def main() -> int:
                 "ratio_first_save_vs_plain_first": ours[0] / plain[0],
                 "ratio_later_saves_vs_plain_later": (sum(ours[1:]) / (REPEATS - 1)) / (sum(plain[1:]) / (REPEATS - 1)),
                 "local_tensors_rank0": sum(t.numel() for t in tensors.values()),
+                "peak_rss_growth": peaks,
             }, indent=1))
     return 0
 
