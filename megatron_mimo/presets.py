@@ -106,7 +106,7 @@ PRESETS: dict[str, Callable[[], MimoConfig]] = {
 
 def get_preset(name: str) -> MimoConfig:
     """Build a preset by name; unknown names list the known ones."""
-    from megatron_mimo.config import ConfigError
+    from megatron_mimo.errors import ConfigError
 
     if name not in PRESETS:
         raise ConfigError(f"unknown --config {name!r}; known presets: {', '.join(sorted(PRESETS))}")
