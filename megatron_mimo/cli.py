@@ -194,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(format_layout(cfg))
         return 0
+    if "RANK" not in os.environ:
+        print(f"megatron-mimo: error: not launched by torchrun; run: torchrun --standalone "
+              f"--nproc-per-node {cfg.world_size} examples/pretrain_hetero_mimo.py "
+              f"--config {cfg.name} ... (or add --dry-run to only check the layout)", file=sys.stderr)
+        return 2
     from megatron_mimo.log import silence_known_warnings
 
     silence_known_warnings()

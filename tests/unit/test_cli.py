@@ -85,3 +85,11 @@ def test_console_script_help_lists_flags():
     assert proc.returncode == 0
     for flag in HETERO_FLAGS + ["--micro-batch-size", "--lr-warmup-iters"]:
         assert flag in proc.stdout
+
+
+def test_without_torchrun_says_how_to_launch(capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--config", "tiny_cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torchrun --standalone --nproc-per-node 4" in err[0]
