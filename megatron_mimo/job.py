@@ -13,7 +13,10 @@ from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicat
 
 from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
 from megatron_mimo.data import BranchSampler, MockImageText
-from megatron_mimo.optim import BranchSchedulers
+from megatron_mimo.errors import ConfigError
+from megatron_mimo.models.mimo import branch_module, build_mimo_model
+from megatron_mimo.optim import BranchSchedulers, build_mimo_optimizer, build_schedulers
+from megatron_mimo.rng import seed_rank
 from megatron_mimo.runtime import Runtime
 from megatron_mimo.topology import Topology
 
@@ -44,8 +47,6 @@ class Job:
     @property
     def branch_ddp(self) -> DistributedDataParallel:
         """This rank's DDP-wrapped branch module."""
-        from megatron_mimo.models.mimo import branch_module
-
         return branch_module(self.model, self.branch)
 
     def is_reporting_rank(self) -> bool:
@@ -66,13 +67,7 @@ def build_bridge(topology: Topology) -> BridgeCommunicator:
 
 def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     """Seed, build the model, optimizer, schedulers, bridge and data for this rank."""
-    from megatron_mimo.models.mimo import build_mimo_model
-    from megatron_mimo.optim import build_mimo_optimizer, build_schedulers
-    from megatron_mimo.rng import seed_rank
-
     if cfg.language_parallel.pp != 1:
-        from megatron_mimo.errors import ConfigError
-
         raise ConfigError(f"training supports --llm-pp 1 only for now, got {cfg.language_parallel.pp}")
     branch = topology.my_branch
     seed_rank(cfg.training.seed, branch, topology.tp_rank())

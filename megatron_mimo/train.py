@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mimo.config import IMAGES, LANGUAGE
+from megatron_mimo.data import EVAL_INDEX_BASE
 from megatron_mimo.job import Job
 from megatron_mimo.models.vision import images_inputs
 
@@ -171,10 +172,8 @@ def train_step(job: Job, state: TrainState) -> StepResult:
                       grad_norm=grad_norm, skipped=not success, phase_ms=dict(timer.ms))
 
 
-def evaluate(job: Job, iteration: int) -> float:
+def evaluate(job: Job) -> float:
     """Mean per-token loss over ``eval_iters`` held-out global batches (no gradients)."""
-    from megatron_mimo.data import EVAL_INDEX_BASE
-
     timer = PhaseTimer()
     job.model.eval()
     total_loss, total_tokens = 0.0, 0
@@ -235,7 +234,7 @@ def train(job: Job, state: TrainState, sinks, checkpoints=None, stop=None) -> li
         log_now = state.iteration % job.cfg.logging.log_interval == 0 or state.iteration == 1
         sinks.record(record, print_line=log_now)
         if cfg.eval_interval and state.iteration % cfg.eval_interval == 0:
-            sinks.record_eval(state.iteration, evaluate(job, state.iteration))
+            sinks.record_eval(state.iteration, evaluate(job))
         if saving and ckpt.save_interval and state.iteration % ckpt.save_interval == 0:
             checkpoints.save(state)
             last_saved = state.iteration

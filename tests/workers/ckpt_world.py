@@ -89,7 +89,7 @@ class Run:
         from megatron_mimo.train import evaluate
 
         saved = capture_rng()
-        loss = evaluate(self.job, self.state.iteration)
+        loss = evaluate(self.job)
         restore_rng(saved)
         return loss
 
