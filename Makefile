@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 	echo "installing megatron-mimo and its test deps into $(VENV) (first time: a few minutes)"; \
 	$(PY) -m pip install --disable-pip-version-check -e '.[test,dev]' > $(VENV)/pip.log 2>&1 \
 	  || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }; \
-	$(PY) -c "import torch, megatron.core, megatron_mimo" ; \
+	$(PY) -c "import torch, megatron.core, megatron_mimo" >> $(VENV)/pip.log 2>&1 \
+	  || { tail -20 $(VENV)/pip.log; echo "import check failed; full log: $(VENV)/pip.log"; exit 1; }; \
 	touch $(STAMP)
 
 train: $(STAMP)
-	TORCHDYNAMO_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
+	@OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
 	  examples/pretrain_hetero_mimo.py --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)

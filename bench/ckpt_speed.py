@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node 4 bench/ckpt_speed.py --config tiny_cpu \
         --save /tmp/ckpt-bench --load /tmp/ckpt-bench
 
-Trains one iteration, then saves 3 times and loads twice with megatron-mimo's CheckpointManager,
+Trains one iteration, then saves 3 times and loads twice through the Trainer's CheckpointManager,
 and saves the same local tensors (model + optimizer state, main replicas) 3 times with plain
 ``torch.distributed.checkpoint.save``. Prints JSON (rank 0) with per-save times and ratios, and
 per rank how far the peak RSS rose during a load vs during a training step (resume memory spike).
@@ -20,11 +20,11 @@ import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_mimo.checkpoint import CheckpointManager, directory_bytes
-from megatron_mimo.ckpt_build import LoadPlan, build_state
-from megatron_mimo.cli import config_from_args
-from megatron_mimo.launch import started_job
-from megatron_mimo.train import TrainState, advance, train_step
+from megatron_mimo.checkpoint.contents import Contents, sharded_state
+from megatron_mimo.checkpoint.manager import directory_bytes
+from megatron_mimo.config.cli import config_from_args
+from megatron_mimo.training.step import train_step
+from megatron_mimo.training.trainer import started_trainer
 
 REPEATS = 3
 
@@ -44,8 +44,9 @@ def peak_rss_growth(fn) -> int:
     return status("VmHWM") - start
 
 
-def plain_tensors(job, state) -> dict:
-    sharded = build_state(job, state, LoadPlan.for_save(job.cfg.checkpoint))
+def plain_tensors(trainer) -> dict:
+    sharded = sharded_state(trainer.pieces(), trainer.job.topology,
+                            Contents.to_save(trainer.cfg.checkpoint), saving=True)
     rank = dist.get_rank()
     return {f"r{rank}.{i}": v.data.detach().clone() for i, v in enumerate(nested_values(sharded))
             if isinstance(v, ShardedTensor) and v.replica_id in (0, (0, 0, 0))}
@@ -62,19 +63,18 @@ def timed(fn) -> float:
 def main() -> int:
     cfg, _ = config_from_args(sys.argv[1:])
     root = Path(cfg.checkpoint.save)
-    with started_job(cfg) as job:
-        state = TrainState()
-        advance(state, train_step(job, state), cfg.training.global_batch_size)
-        manager = CheckpointManager(job)
-        ours = [timed(lambda: manager.save(state)) for _ in range(REPEATS)]
-        ours_bytes = directory_bytes(root / f"iter_{state.iteration:07d}")
-        load = timed(manager.load)
-        load_peak = peak_rss_growth(manager.load)  # pitfall 10: state materialised twice?
-        step_peak = peak_rss_growth(lambda: train_step(job, TrainState(**vars(state))))
+    with started_trainer(cfg) as trainer:
+        trainer.step()
+        ours = [timed(trainer.save) for _ in range(REPEATS)]
+        ours_bytes = directory_bytes(root / f"iter_{trainer.state.iteration:07d}")
+        load = timed(trainer.load)
+        load_peak = peak_rss_growth(trainer.load)  # resume memory spike: state materialised twice?
+        step_peak = peak_rss_growth(
+            lambda: train_step(trainer.job, trainer.position.consumed_samples))
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,
                                        "train_step_peak_growth_bytes": step_peak})
-        tensors = plain_tensors(job, state)
+        tensors = plain_tensors(trainer)
         plain_dir = root / "plain_dcp"
         plain = []
         for _ in range(REPEATS):
@@ -83,7 +83,6 @@ def main() -> int:
             dist.barrier()
             plain.append(timed(lambda: dcp.save(tensors, checkpoint_id=str(plain_dir))))
         plain_bytes = directory_bytes(plain_dir)
-        manager.close()
         if dist.get_rank() == 0:
             print(json.dumps({
                 "config": cfg.name, "save_s": ours, "load_s": load, "bytes": ours_bytes,

@@ -9,30 +9,25 @@ other branch, so on CPU it is mostly the other branch's compute.
 
 import json
 import sys
-import time
 
 import torch.distributed as dist
 
-from megatron_mimo.cli import config_from_args
-from megatron_mimo.launch import started_job
-from megatron_mimo.train import TrainState, advance, train_step
+from megatron_mimo.config.cli import config_from_args
+from megatron_mimo.training.trainer import started_trainer
 
 WARMUP = 2
 
 
 def main() -> int:
     cfg, _ = config_from_args(sys.argv[1:])
-    with started_job(cfg) as job:
-        state, phases, totals = TrainState(), [], []
+    with started_trainer(cfg) as trainer:
+        phases, totals = [], []
         for _ in range(cfg.training.train_iters):
-            start = time.perf_counter()
-            result = train_step(job, state)
-            totals.append((time.perf_counter() - start) * 1e3)
-            phases.append(result.phase_ms)
-            advance(state, result, cfg.training.global_batch_size, job.num_parameters)
+            totals.append(trainer.step()["ms_per_iteration"])
+            phases.append(trainer.last_result.phase_ms)
         kept = range(WARMUP, len(totals))
         names = sorted({name for p in phases for name in p})
-        mine = {"rank": dist.get_rank(), "branch": job.branch,
+        mine = {"rank": dist.get_rank(), "branch": trainer.branch,
                 "step_ms": sum(totals[i] for i in kept) / len(kept),
                 "phase_ms": {n: sum(phases[i].get(n, 0.0) for i in kept) / len(kept) for n in names}}
         mine["phase_fraction"] = {n: round(v / mine["step_ms"], 3) for n, v in mine["phase_ms"].items()}

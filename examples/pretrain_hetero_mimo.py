@@ -7,7 +7,7 @@ Any ``megatron-mimo`` flag may follow (``--help`` lists them).
 
 import sys
 
-from megatron_mimo.cli import main
+from megatron_mimo.main import main
 
 if __name__ == "__main__":  # the checkpoint writer re-imports __main__ in helper processes
     sys.exit(main())

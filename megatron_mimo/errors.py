@@ -1,15 +1,25 @@
-"""Exception types shared by config, topology and CLI (no heavy imports)."""
+"""The errors a user can act on: one family, each message naming the flag or file and the numbers.
+
+The ``megatron-mimo`` entry point catches :class:`MimoError` on every rank and prints one line
+(no traceback unless ``--log-level DEBUG``). Anything else is a bug and keeps its traceback.
+No heavy imports here: config and CLI use these in a bare interpreter.
+"""
 
 
-class ConfigError(ValueError):
-    """A configuration or layout value is invalid; the message names the field and the numbers.
-
-    The CLI prints it as one line and exits non-zero, without a traceback.
-    """
+class MimoError(Exception):
+    """Base of every error caused by input (flags, files, checkpoints, data), not by a bug."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded as asked; the message says why and what to do."""
+class ConfigError(MimoError, ValueError):
+    """A configuration or layout value is invalid; the message names the field and the numbers."""
+
+
+class CheckpointError(MimoError, RuntimeError):
+    """A checkpoint cannot be saved or loaded as asked; the message names the file and what to do."""
+
+
+class DataError(MimoError, RuntimeError):
+    """Training data is missing, malformed or does not match the job; the message names the file."""
 
 
 def require(condition: bool, message: str) -> None:

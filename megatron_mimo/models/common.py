@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mimo.config import IMAGES, LANGUAGE
+from megatron_mimo.config import IMAGES, LANGUAGE, TransformerSizes
 
 BRANCH_SEED_OFFSET = {IMAGES: 0, LANGUAGE: 1000}
 """Weights of each branch come from their own seed so both branches never share an init."""
@@ -24,25 +23,7 @@ def te_available(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
 
 
-@dataclass(frozen=True)
-class TransformerShape:
-    """The sizes a TransformerConfig needs, independent of branch kind."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    ffn_hidden_size: int
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-
-    @classmethod
-    def of(cls, model) -> TransformerShape:
-        """Shape of an EncoderModelConfig or LanguageModelConfig."""
-        return cls(model.num_layers, model.hidden_size, model.num_attention_heads,
-                   model.ffn_hidden_size, model.hidden_dropout, model.attention_dropout)
-
-
-def build_transformer_config(shape: TransformerShape, tp: int, device: torch.device,
+def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.device,
                              **overrides) -> TransformerConfig:
     """fp32 TransformerConfig for one branch; CPU-safe fusions off when not on a GPU."""
     on_gpu = device.type == "cuda"

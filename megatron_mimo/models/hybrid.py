@@ -27,7 +27,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_mimo.config import LanguageModelConfig
-from megatron_mimo.models.common import TransformerShape, build_transformer_config, te_available
+from megatron_mimo.models.common import build_transformer_config, te_available
 from megatron_mimo.models.mamba_cpu import CpuMambaMixer
 
 
@@ -71,7 +71,7 @@ def mamba_hybrid_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollec
                       device: torch.device) -> ModuleSpec:
     """ModuleSpec of the Mamba-hybrid language model for ``MimoModel`` (one PP stage)."""
     config = build_transformer_config(
-        TransformerShape.of(cfg), tp, device, normalization="RMSNorm",
+        cfg, tp, device, normalization="RMSNorm",
         mamba_state_dim=cfg.mamba_state_dim, mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups)
     return ModuleSpec(module=MambaModel, params={

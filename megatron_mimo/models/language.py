@@ -8,7 +8,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mimo.config import LanguageModelConfig
-from megatron_mimo.models.common import TransformerShape, build_transformer_config, te_available
+from megatron_mimo.models.common import build_transformer_config, te_available
 
 
 def _layer_spec(device: torch.device) -> ModuleSpec:
@@ -26,8 +26,7 @@ def _layer_spec(device: torch.device) -> ModuleSpec:
 def gpt_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection,
              device: torch.device) -> ModuleSpec:
     """ModuleSpec of the language model for ``MimoModel`` (one PP stage)."""
-    shape = TransformerShape.of(cfg)
-    config = build_transformer_config(shape, tp, device)
+    config = build_transformer_config(cfg, tp, device)
     return ModuleSpec(module=GPTModel, params={
         "config": config, "transformer_layer_spec": _layer_spec(device),
         "vocab_size": cfg.vocab_size, "max_sequence_length": cfg.seq_length,

@@ -10,12 +10,14 @@ from megatron.core.models.mimo import MimoModel, MimoModelConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
+from megatron_mimo.compat.mcore import apply_branch_tp_group
+from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.schema import MimoConfig
+from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.common import branch_init_seed
 from megatron_mimo.models.hybrid import mamba_hybrid_spec
 from megatron_mimo.models.language import gpt_spec
 from megatron_mimo.models.vision import images_submodule_spec
-from megatron_mimo.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,8 @@ def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> d
         return topology.pgs(name) if topology.in_branch(name) else None
 
     return {
-        IMAGES: images_submodule_spec(cfg.encoder, cfg.language.hidden_size,
-                                      cfg.encoder_parallel.tp, pgs_or_none(IMAGES), device),
+        IMAGES: images_submodule_spec(cfg.images, cfg.language.hidden_size,
+                                      cfg.images_parallel.tp, pgs_or_none(IMAGES), device),
         LANGUAGE: language_spec(cfg, pgs_or_none(LANGUAGE), device),
     }
 
@@ -72,22 +74,6 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     else:
         model.language_model = wrap_ddp(model.language_model, pgs, model.language_model.config)
     return model
-
-
-def apply_branch_tp_group(model: torch.nn.Module, tp_group) -> list[str]:
-    """Give every MegatronModule that lacks ``tp_group`` the branch's TP group.
-
-    ``MegatronModule.sharded_state_dict`` falls back to ``parallel_state``'s TP group when a
-    module has no ``tp_group`` attribute (megatron-core 0.19.2 ``transformer/module.py:82-84``);
-    ``CLIPViTModel`` is one such module. Without a global parallel_state that fallback raises.
-    Returns the names of the modules it fixed.
-    """
-    fixed = []
-    for name, module in model.named_modules():
-        if isinstance(module, MegatronModule) and not hasattr(module, "tp_group"):
-            module.tp_group = tp_group
-            fixed.append(name or type(module).__name__)
-    return fixed
 
 
 def _first_config(module: torch.nn.Module):

@@ -17,8 +17,8 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_mimo.config import EncoderModelConfig
-from megatron_mimo.models.common import TransformerShape, build_transformer_config, te_available
+from megatron_mimo.config import ImagesModelConfig, TransformerSizes
+from megatron_mimo.models.common import build_transformer_config, te_available
 
 ENCODER_NAME = "vit"
 """Key of the encoder inside the images submodule (``modality_inputs['images']['vit']``)."""
@@ -61,10 +61,10 @@ def _layer_spec_and_norm(device: torch.device):
     return get_vit_layer_with_local_spec(), WrappedTorchNorm
 
 
-def backbone_spec(cfg: EncoderModelConfig, tp: int, pgs: ProcessGroupCollection,
+def backbone_spec(cfg: ImagesModelConfig, tp: int, pgs: ProcessGroupCollection,
                   device: torch.device) -> ModuleSpec:
     """CLIP-style ViT (no class token) or RADIO ViT (``class_token_len`` class tokens, CPE)."""
-    config = build_transformer_config(TransformerShape.of(cfg), tp, device)
+    config = build_transformer_config(cfg, tp, device)
     layer_spec, norm = _layer_spec_and_norm(device)
     common = {"transformer_config": config, "transformer_layer_spec": layer_spec,
               "patch_dim": cfg.patch_size, "img_h": cfg.image_size, "img_w": cfg.image_size,
@@ -78,12 +78,12 @@ def backbone_spec(cfg: EncoderModelConfig, tp: int, pgs: ProcessGroupCollection,
         **common, "ln_pre_impl": norm, "add_class_token": False, "class_token_len": 0})
 
 
-def class_tokens_of(cfg: EncoderModelConfig) -> int:
+def class_tokens_of(cfg: ImagesModelConfig) -> int:
     """Leading tokens of the backbone output that are not patches."""
     return cfg.class_token_len if cfg.kind == "radio" else 0
 
 
-def images_submodule_spec(cfg: EncoderModelConfig, language_hidden_size: int, tp: int,
+def images_submodule_spec(cfg: ImagesModelConfig, language_hidden_size: int, tp: int,
                           pgs: ProcessGroupCollection, device: torch.device) -> ModuleSpec:
     """ModuleSpec of the images branch for ``MimoModel`` (encoder + 2-layer MLP projector)."""
     encoder = ModuleSpec(module=PatchTokens, params={
@@ -91,7 +91,8 @@ def images_submodule_spec(cfg: EncoderModelConfig, language_hidden_size: int, tp
         "pixel_shuffle": cfg.pixel_shuffle, "grid": cfg.grid,
         "tp_group": pgs.tp if pgs is not None else None})
     projector_config = build_transformer_config(
-        TransformerShape(1, language_hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size),
+        TransformerSizes(num_layers=1, hidden_size=language_hidden_size,
+                         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size),
         tp, device)
     projector = ModuleSpec(module=MultimodalProjector, params={
         "config": projector_config,

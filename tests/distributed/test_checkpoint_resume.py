@@ -1,19 +1,23 @@
 """Bit-exact resume: run A (2N straight) vs run B (N, save, stop) + run C (fresh processes,
-load, N more), on three layouts, plus the field pitfalls of ../shared/PITFALLS.md."""
+load, N more), on four layouts, plus the resume failure modes of docs/checkpointing.md
+(cited below as "mode N")."""
 
 import json
 
 import pytest
 
 from tests.harness import run_world
-from tests.workers.ckpt_world import N
+from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 
 pytestmark = pytest.mark.dist
 
 WORKER = "tests.workers.ckpt_world"
-RANKS = {"L1": 4, "L2": 4, "L3": 2, "NEMO": 4}  # NEMO: RADIO + Mamba hybrid (tiny_cpu_nemotron)
-FULLY = {"checkpoint__dist_ckpt_optim_fully_reshardable": True}
-OVERRIDES = {"L1": {}, "L2": FULLY, "L3": {}, "NEMO": {}}  # L2 saves optimizer state fully_reshardable
+A = "images_tp1dp2_language_tp2dp1"
+B = "images_tp2dp1_language_tp1dp2"  # saves its optimizer state fully_reshardable
+NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tiny_cpu_nemotron)
+RANKS = {A: 4, B: 4, TWO_RANKS: 2, NEMOTRON: 4}
+FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
+OVERRIDES = {A: {}, B: FULLY, TWO_RANKS: {}, NEMOTRON: {}}
 
 
 @pytest.fixture(scope="module")
@@ -22,69 +26,69 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ab(root):
-    return {layout: run_world(WORKER, RANKS[layout], {"mode": "ab", "layout": layout,
+def saved(root):
+    return {layout: run_world(WORKER, RANKS[layout], {"mode": "straight_and_saved", "layout": layout,
                                                       "root": str(root / layout),
                                                       "overrides": OVERRIDES[layout]}, timeout=300)
             for layout in RANKS}
 
 
 @pytest.fixture(scope="module")
-def c(root, ab):
-    # L1 first probes L2's fully_reshardable checkpoint (another layout), L2 probes L1's
+def resumed(root, saved):
+    # A first probes B's fully_reshardable checkpoint (another layout), B probes A's
     # dp_reshardable one (must be refused at once), then each resumes its own.
-    foreign = {"L1": root / "L2", "L2": root / "L1", "L3": None, "NEMO": None}
+    foreign = {A: root / B, B: root / A, TWO_RANKS: None, NEMOTRON: None}
     return {layout: run_world(WORKER, RANKS[layout], {
-        "mode": "c", "layout": layout, "root": str(root / layout), "overrides": OVERRIDES[layout],
+        "mode": "resumed", "layout": layout, "root": str(root / layout), "overrides": OVERRIDES[layout],
         "foreign_root": str(foreign[layout]) if foreign[layout] else None}, timeout=300)
         for layout in RANKS}
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
-def test_resumed_run_equals_straight_run_bitwise(ab, c, layout):
-    for rank_ab, rank_c in zip(ab[layout], c[layout], strict=True):
-        straight = rank_ab["a"][N:]
-        resumed = rank_c["records"]
+def test_resumed_run_equals_straight_run_bitwise(saved, resumed, layout):
+    for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
+        straight = rank_saved["straight"][N:]
+        resumed = rank_resumed["records"]
         assert [r["iteration"] for r in resumed] == list(range(N + 1, 2 * N + 1))
         for want, got in zip(straight, resumed, strict=True):
-            for key in ("loss", "grad_norm", "lr", "consumed", "tokens", "flops"):
+            for key in EXACT_KEYS:
                 assert got[key] == want[key], (layout, got["iteration"], key, got[key], want[key])
         # run B itself followed A for its N iterations
-        assert rank_ab["b"] == rank_ab["a"][:N]
+        assert rank_saved["until_save"] == rank_saved["straight"][:N]
 
 
-def test_resume_point_inside_warmup_and_run_crosses_into_decay(ab):
-    lrs = [r["lr"]["language"] for r in ab["L3"][0]["a"]]
+def test_resume_point_inside_warmup_and_run_crosses_into_decay(saved):
+    lrs = [r["lr"]["language"] for r in saved[TWO_RANKS][0]["straight"]]
     peak = max(lrs)
     assert lrs[N - 1] < peak  # still warming up at the save
     assert lrs.index(peak) >= N and lrs[-1] < peak  # then peaks and decays
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
-def test_rng_streams_and_data_indices_continue(ab, c, layout):  # pitfalls 6 and 8
-    for rank_ab, rank_c in zip(ab[layout], c[layout], strict=True):
-        assert rank_c["rng"] == rank_ab["snapshot"]["rng"]
-        assert rank_c["indices"] == rank_ab["snapshot"]["indices"]
-        assert rank_c["iteration"] == N and rank_c["consumed"] == N * 8
-        assert rank_ab["a"][0]["flops"] > 0
+def test_rng_streams_and_data_indices_continue(saved, resumed, layout):  # modes 6 and 8
+    for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
+        assert rank_resumed["rng"] == rank_saved["snapshot"]["rng"]
+        assert rank_resumed["indices"] == rank_saved["snapshot"]["indices"]
+        assert rank_resumed["iteration"] == N and rank_resumed["consumed_samples"] == N * 8
+        assert rank_saved["straight"][0]["floating_point_operations"] > 0
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
-def test_loss_right_after_load_equals_loss_at_save(ab, c, layout):  # pitfall 5
-    for rank_ab, rank_c in zip(ab[layout], c[layout], strict=True):
-        assert rank_c["eval_after_load"] == rank_ab["eval_at_save"]
+def test_loss_right_after_load_equals_loss_at_save(saved, resumed, layout):  # mode 5
+    for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
+        assert rank_resumed["eval_after_load"] == rank_saved["eval_at_save"]
 
 
-@pytest.mark.parametrize("layout", ["L1", "L2"])  # dp_reshardable and fully_reshardable
-def test_adam_state_round_trips_with_own_step_per_parameter(c, layout):  # pitfalls 1 and 13
-    for rank in c[layout]:
+@pytest.mark.parametrize("layout", [A, B])  # dp_reshardable and fully_reshardable
+def test_adam_state_round_trips_with_own_step_per_parameter(resumed, layout):  # modes 1 and 13
+    for rank in resumed[layout]:
         assert rank["adam_equal"]
         assert rank["steps_after_load"] and set(rank["steps_after_load"]) == {float(N)}
         assert set(rank["steps_after_one_more"]) == {float(N + 1)}
 
 
-def test_language_optimizer_meta_round_trips_off_rank_zero(c):  # pitfall 4
-    for rank in c["L1"]:
+def test_language_optimizer_meta_round_trips_off_rank_zero(resumed):  # mode 4
+    for rank in resumed[A]:
         meta = rank["optimizer_meta"]
         assert list(meta) == [rank["branch"]]
         assert meta[rank["branch"]]["param_state_sharding_type"] == "dp_reshardable"
@@ -93,8 +97,8 @@ def test_language_optimizer_meta_round_trips_off_rank_zero(c):  # pitfall 4
         assert {g["max_lr"] for g in groups} == ({0.003} if rank["branch"] == "language" else {0.001})
 
 
-def test_dp_reshardable_refuses_another_model_parallel_layout(c):
-    for rank in c["L2"]:
+def test_dp_reshardable_refuses_another_model_parallel_layout(resumed):
+    for rank in resumed[B]:
         foreign = rank["foreign"]
         assert not foreign["ok"]
         assert "CheckpointError" in foreign["error"]
@@ -102,77 +106,77 @@ def test_dp_reshardable_refuses_another_model_parallel_layout(c):
         assert "images TP2xDP1xPP1 on ranks 0-1" in foreign["error"]
 
 
-def test_fully_reshardable_resumes_under_another_layout(ab, c):
-    saved_eval = ab["L2"][0]["eval_at_save"]
-    for rank in c["L1"]:
+def test_fully_reshardable_resumes_under_another_layout(saved, resumed):
+    saved_eval = saved[B][0]["eval_at_save"]
+    for rank in resumed[A]:
         assert rank["foreign"]["ok"], rank["foreign"]
         assert rank["foreign"]["iteration"] == N
         assert rank["foreign"]["eval"] == pytest.approx(saved_eval, rel=1e-5)
 
 
-def test_save_starts_no_helper_process(ab):
+def test_save_starts_no_helper_process(saved):
     # megatron-core's first save would spawn a multiprocessing Manager (~13 s here)
-    assert all(not rank["helper_processes_after_save"] for layout in ab.values() for rank in layout)
+    assert all(not rank["helper_processes_after_save"] for layout in saved.values() for rank in layout)
 
 
-def test_checkpoint_layout_on_disk(root, ab):
-    directory = root / "L1" / f"iter_{N:07d}"
+def test_checkpoint_layout_on_disk(root, saved):
+    directory = root / A / f"iter_{N:07d}"
     names = {p.name for p in directory.iterdir()}
     assert {"common.pt", "metadata.json", ".metadata", "mimo_manifest.json"} <= names
     assert any(n.endswith(".distcp") for n in names)
-    assert (root / "L1" / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
+    assert (root / A / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
     manifest = json.loads((directory / "mimo_manifest.json").read_text())
     assert manifest["optimizer_sharding_type"] == "dp_reshardable"
     assert manifest["topology"]["language"] == {"tp": 2, "dp": 1, "pp": 1, "offset": 2}
     assert manifest["megatron_core_version"].startswith("0.")
     assert set(manifest["contents"]) == {"model", "optimizer", "scheduler", "rng", "data", "events"}
-    assert not list(root.glob("L1/.tmp_*"))
+    assert not list(root.glob(f"{A}/.tmp_*"))
 
 
 @pytest.fixture(scope="module")
-def flags(root, ab):
-    return run_world(WORKER, 2, {"mode": "flags", "root": str(root / "L3")}, timeout=300)
+def flags(root, saved):
+    return run_world(WORKER, 2, {"mode": "flags", "root": str(root / TWO_RANKS)}, timeout=300)
 
 
-def test_no_load_optim_starts_adam_fresh_but_continues_schedule(ab, flags):
-    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+def test_no_load_optim_starts_adam_fresh_but_continues_schedule(saved, flags):
+    for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
         got = rank["no_load_optim"]
         assert got["adam_empty_or_zero"]
-        assert got["iteration"] == N and got["consumed"] == N * 8
-        assert got["lr"] == rank_ab["a"][N - 1]["lr"]
-        assert got["rng"] == rank_ab["snapshot"]["rng"]
-        assert got["next"]["loss"] == rank_ab["a"][N]["loss"]  # same weights and data...
-        assert got["next"]["grad_norm"] == rank_ab["a"][N]["grad_norm"]
+        assert got["iteration"] == N and got["consumed_samples"] == N * 8
+        assert got["lr"] == rank_saved["straight"][N - 1]["lr"]
+        assert got["rng"] == rank_saved["snapshot"]["rng"]
+        assert got["next"]["loss"] == rank_saved["straight"][N]["loss"]  # same weights and data...
+        assert got["next"]["grad_norm"] == rank_saved["straight"][N]["grad_norm"]
 
 
-def test_no_load_rng_reseeds(ab, flags):
-    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+def test_no_load_rng_reseeds(saved, flags):
+    for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
         got = rank["no_load_rng"]
-        assert got["rng"] != rank_ab["snapshot"]["rng"]
+        assert got["rng"] != rank_saved["snapshot"]["rng"]
         assert got["rng"] == rank["fresh"]["rng"]  # exactly what --seed gives a new run
         assert got["iteration"] == N and not got["adam_empty_or_zero"]
 
 
-def test_finetune_loads_weights_only(ab, flags):
-    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+def test_finetune_loads_weights_only(saved, flags):
+    for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
         got = rank["finetune"]
-        assert got["iteration"] == 0 and got["consumed"] == 0
+        assert got["iteration"] == 0 and got["consumed_samples"] == 0
         assert got["lr"] == rank["fresh"]["lr"]
         assert got["adam_empty_or_zero"]
-        assert got["eval"] == rank_ab["eval_at_save"]  # the weights are the checkpoint's
-        assert got["next"]["iteration"] == 1 and got["next"]["consumed"] == 8
+        assert got["eval"] == rank_saved["eval_at_save"]  # the weights are the checkpoint's
+        assert got["next"]["iteration"] == 1 and got["next"]["consumed_samples"] == 8
 
 
-def test_no_load_scheduler_restarts_schedule(ab, flags):
-    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
+def test_no_load_scheduler_restarts_schedule(saved, flags):
+    for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
         got = rank["no_load_scheduler"]
         assert got["iteration"] == N
-        assert got["lr"] == rank["fresh"]["lr"] != rank_ab["a"][N - 1]["lr"]
+        assert got["lr"] == rank["fresh"]["lr"] != rank_saved["straight"][N - 1]["lr"]
         assert not got["adam_empty_or_zero"]
 
 
-def test_resumed_schedule_comes_from_the_checkpoint_for_every_branch(ab, flags):  # pitfall 7
+def test_resumed_schedule_comes_from_the_checkpoint_for_every_branch(saved, flags):  # mode 7
     # a resume with another --train-iters keeps the saved schedule, on both branches' LRs
-    for rank_ab, rank in zip(ab["L3"], flags, strict=True):
-        assert rank["longer_run"]["lr"] == rank_ab["a"][N - 1]["lr"]
-        assert rank["longer_run"]["next"]["lr"] == rank_ab["a"][N]["lr"]
+    for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
+        assert rank["longer_run"]["lr"] == rank_saved["straight"][N - 1]["lr"]
+        assert rank["longer_run"]["next"]["lr"] == rank_saved["straight"][N]["lr"]

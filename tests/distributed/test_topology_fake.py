@@ -7,14 +7,14 @@ import pytest
 import torch.distributed as dist
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from megatron_mimo.config.layout import branch_spec
+from megatron_mimo.distributed.topology import build_topology
 from megatron_mimo.errors import ConfigError
-from megatron_mimo.layout import BranchSpec
-from megatron_mimo.topology import build_topology
 
-LAYOUT_64 = [BranchSpec("images", tp=2, dp=8, rank_offset=0),
-             BranchSpec("language", tp=8, dp=2, pp=3, rank_offset=16)]
-LAYOUT_128 = [BranchSpec("images", tp=4, dp=8, rank_offset=0),
-              BranchSpec("language", tp=8, dp=4, pp=3, rank_offset=32)]
+LAYOUT_64 = [branch_spec("images", tp=2, dp=8, offset=0),
+             branch_spec("language", tp=8, dp=2, pp=3, offset=16)]
+LAYOUT_128 = [branch_spec("images", tp=4, dp=8, offset=0),
+              branch_spec("language", tp=8, dp=4, pp=3, offset=32)]
 
 
 @pytest.fixture

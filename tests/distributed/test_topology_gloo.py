@@ -13,7 +13,7 @@ def results():
 
 
 def test_first_layout_groups_and_all_reduce(results):
-    r = [res["enc_tp1dp2_llm_tp2dp1"] for res in results]
+    r = [res["images_tp1dp2_language_tp2dp1"] for res in results]
     assert [x["branch"] for x in r] == ["images", "images", "language", "language"]
     # images TP1xDP2: DP group {0,1} sums (1+2); TP groups are singletons.
     assert [x["dp"]["ranks"] for x in r[:2]] == [[0, 1], [0, 1]]
@@ -29,7 +29,7 @@ def test_first_layout_groups_and_all_reduce(results):
 
 
 def test_second_layout_after_rebuild(results):
-    r = [res["enc_tp2dp1_llm_tp1dp2"] for res in results]
+    r = [res["images_tp2dp1_language_tp1dp2"] for res in results]
     assert [x["tp"]["ranks"] for x in r[:2]] == [[0, 1], [0, 1]]
     assert [x["tp"]["sum"] for x in r[:2]] == [3.0, 3.0]
     assert [x["dp"]["ranks"] for x in r[2:]] == [[2, 3], [2, 3]]

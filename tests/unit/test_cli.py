@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from megatron_mimo.cli import build_parser, config_from_args, config_to_argv, flag_specs, main
-from megatron_mimo.presets import llava_8gpu, tiny_cpu
+from megatron_mimo.config.cli import build_parser, config_from_args, config_to_argv, flag_specs
+from megatron_mimo.config.presets import llava_8gpu, tiny_cpu
+from megatron_mimo.main import main
 
 MEGATRON_FLAGS = ["--micro-batch-size", "--global-batch-size", "--lr", "--min-lr",
                   "--lr-warmup-iters", "--lr-decay-style", "--train-iters", "--seed",
@@ -34,7 +35,7 @@ def test_overrides_apply_to_the_right_fields():
                                "--encoder-dp", "1", "--llm-tp", "1", "--llm-dp", "2",
                                "--micro-batch-size", "1", "--lr-decay-style", "linear"])
     assert cfg.optimizer.lr == 0.01
-    assert (cfg.encoder_parallel.tp, cfg.encoder_parallel.dp) == (2, 1)
+    assert (cfg.images_parallel.tp, cfg.images_parallel.dp) == (2, 1)
     assert (cfg.language_parallel.tp, cfg.language_parallel.dp) == (1, 2)
     assert cfg.training.micro_batch_size == 1
     assert cfg.scheduler.lr_decay_style == "linear"
@@ -93,3 +94,28 @@ def test_without_torchrun_says_how_to_launch(capsys, monkeypatch):
     assert main(["--config", "tiny_cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torchrun --standalone --nproc-per-node 4" in err[0]
+
+
+def test_input_error_at_run_time_is_one_line_and_exit_1(capsys, monkeypatch):
+    from megatron_mimo.errors import CheckpointError
+    from megatron_mimo.training import trainer
+
+    def fail(cfg):
+        raise CheckpointError("/ckpt/iter_0000003/__0_0.distcp is truncated: 10 bytes, its items need 20")
+
+    monkeypatch.setattr(trainer, "run", fail)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", "tiny_cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    ours = [line for line in err.splitlines() if line.startswith("megatron-mimo")]
+    assert ours == ["megatron-mimo: error: rank 1: /ckpt/iter_0000003/__0_0.distcp is truncated: "
+                    "10 bytes, its items need 20"]
+
+
+def test_errors_name_flags_not_config_fields(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--encoder-image-size", "30", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("megatron-mimo: error: --encoder-image-size 30 must divide by patch_size")

@@ -4,16 +4,17 @@ import dataclasses
 
 import pytest
 
-from megatron_mimo.cli import field_docs
-from megatron_mimo.config import IMAGES, LANGUAGE, SECTION_TYPES, MimoConfig, ParallelismConfig
+from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig, ParallelismConfig
+from megatron_mimo.config.cli import field_docs
+from megatron_mimo.config.presets import PRESETS, get_preset, llava_8gpu, tiny_cpu
+from megatron_mimo.config.schema import SECTION_TYPES
 from megatron_mimo.errors import ConfigError
-from megatron_mimo.presets import PRESETS, get_preset, llava_8gpu, tiny_cpu
 
 
 def test_tiny_cpu_layout():
     cfg = tiny_cpu()
     assert cfg.world_size == 4
-    assert cfg.encoder_parallel == ParallelismConfig(tp=1, dp=2, pp=1, offset=0)
+    assert cfg.images_parallel == ParallelismConfig(tp=1, dp=2, pp=1, offset=0)
     assert cfg.language_parallel == ParallelismConfig(tp=2, dp=1, pp=1, offset=2)
     assert cfg.job_micro_batch == 2 and cfg.num_microbatches == 4
     assert cfg.branch_micro_batch(IMAGES) == 1 and cfg.branch_micro_batch(LANGUAGE) == 2
@@ -46,7 +47,7 @@ def test_every_field_has_a_docstring():
 
 
 def test_branch_lr_falls_back_to_language_lr():
-    opt = dataclasses.replace(tiny_cpu().optimizer, encoder_lr=None, encoder_min_lr=None)
+    opt = dataclasses.replace(tiny_cpu().optimizer, images_lr=None, images_min_lr=None)
     assert opt.branch_lr(IMAGES) == opt.branch_lr(LANGUAGE) == (opt.lr, opt.min_lr)
     assert tiny_cpu().optimizer.branch_lr(IMAGES) == (1e-3, 1e-4)
 
@@ -56,11 +57,11 @@ def _with(cfg, section, **changes):
 
 
 @pytest.mark.parametrize("section, changes, message", [
-    ("encoder_parallel", {"tp": 3}, r"branches overlap: images TP3xDP2xPP1 on ranks 0-5 and language"),
+    ("images_parallel", {"tp": 3}, r"branches overlap: images TP3xDP2xPP1 on ranks 0-5 and language"),
     ("language_parallel", {"offset": 3}, r"ranks 2-2 belong to no branch"),
     ("training", {"global_batch_size": 7}, r"global_batch_size 7 must divide by micro_batch_size 2"),
     ("training", {"micro_batch_size": 1, "global_batch_size": 4}, r"does not split over the images branch's dp 2"),
-    ("encoder_parallel", {"pp": 2}, r"images branch supports pp=1 only"),
+    ("images_parallel", {"pp": 2}, r"images branch supports pp=1 only"),
     ("language_parallel", {"tp": 3}, r"language branch: num_attention_heads 4 must divide by tp 3"),
 ])
 def test_layout_errors_name_the_numbers(section, changes, message):
@@ -69,13 +70,13 @@ def test_layout_errors_name_the_numbers(section, changes, message):
 
 
 @pytest.mark.parametrize("section, changes, message", [
-    ("encoder", {"kind": "cnn"}, "encoder.kind must be one of"),
-    ("encoder", {"image_size": 30}, "image_size 30 must divide by patch_size 8"),
+    ("images", {"kind": "cnn"}, "images.kind must be one of"),
+    ("images", {"image_size": 30}, "image_size 30 must divide by patch_size 8"),
     ("language", {"hybrid_pattern": "MX"}, "may hold only"),
     ("optimizer", {"min_lr": 1.0}, "min_lr 1.0 must be <= lr"),
     ("scheduler", {"lr_decay_style": "step"}, "lr_decay_style must be one of"),
     ("training", {"train_iters": 0}, "training.train_iters must be >= 1, got 0"),
-    ("encoder_parallel", {"dp": 0}, "parallelism.dp must be >= 1, got 0"),
+    ("images_parallel", {"dp": 0}, "parallelism.dp must be >= 1, got 0"),
 ])
 def test_section_validation(section, changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -3,27 +3,29 @@
 import pytest
 import torch
 
-from megatron_mimo.data import BranchSampler, MockImageText
-from megatron_mimo.presets import tiny_cpu
+from megatron_mimo.config.presets import tiny_cpu
+from megatron_mimo.data.mock import MockImageText
+from megatron_mimo.data.sampler import BranchSampler, DataPosition
+from megatron_mimo.errors import DataError
 
 
 @pytest.fixture
 def data():
     cfg = tiny_cpu()
-    return MockImageText(cfg.encoder, cfg.language, seed=7)
+    return MockImageText(cfg.images, cfg.language, seed=7)
 
 
 def test_samples_are_a_pure_function_of_seed_and_index(data):
     assert torch.equal(data.pixels([3, 9]), data.pixels([3, 9]))
     assert torch.equal(data.tokens([3])["input_ids"][0], data.tokens([1, 2, 3])["input_ids"][2])
     assert not torch.equal(data.pixels([3]), data.pixels([4]))
-    other_seed = MockImageText(data.encoder, data.language, seed=8)
+    other_seed = MockImageText(data.images, data.language, seed=8)
     assert not torch.equal(other_seed.pixels([3]), data.pixels([3]))
 
 
 def test_text_layout_and_masks(data):
     batch = data.tokens([0, 1])
-    image_id, patches = data.language.image_token_id, data.encoder.num_image_tokens
+    image_id, patches = data.language.image_token_id, data.images.num_image_tokens
     assert batch["input_ids"].shape == (2, data.language.seq_length)
     assert ((batch["input_ids"] == image_id).sum(dim=1) == patches).all()
     assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
@@ -60,7 +62,16 @@ def test_sampler_resumes_at_any_consumed_offset():
 
 
 def test_sampler_rejects_bad_split():
-    with pytest.raises(ValueError, match="does not split"):
+    with pytest.raises(DataError, match="does not split"):
         BranchSampler(job_micro_batch=3, dp_size=2, dp_rank=0)
-    with pytest.raises(ValueError, match="outside dp size"):
+    with pytest.raises(DataError, match="outside dp size"):
         BranchSampler(job_micro_batch=4, dp_size=2, dp_rank=2)
+
+
+def test_data_position_round_trips_and_advances():
+    position = DataPosition()
+    position.advance(8)
+    position.advance(8)
+    restored = DataPosition()
+    restored.load_state_dict(position.state_dict())
+    assert restored.consumed_samples == 16 and restored.state_dict() == {"consumed_samples": 16}

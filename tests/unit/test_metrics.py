@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from megatron_mimo.metrics import MetricSinks, format_log_line
+from megatron_mimo.metrics.sinks import MetricSinks, format_log_line
 
 RECORD = {"iteration": 10, "consumed_samples": 80, "ms_per_iteration": 250.0,
           "lr": {"images": 1e-3, "language": 3e-3}, "loss": 4.2, "grad_norm": 1.5,

@@ -1,4 +1,4 @@
-"""StopWatch: signals set a flag once, later ones are ignored; the time budget counts."""
+"""StopRequests: signals set a flag once, later ones are ignored; the time budget counts."""
 
 import os
 import signal
@@ -6,12 +6,12 @@ import time
 
 import pytest
 
-from megatron_mimo.stopping import StopWatch
+from megatron_mimo.training.stopping import StopRequests
 
 
 @pytest.fixture
 def watch():
-    w = StopWatch().install()
+    w = StopRequests().install()
     yield w
     w.uninstall()
 
@@ -32,13 +32,13 @@ def test_second_signal_is_ignored(watch, caplog):
 
 def test_uninstall_restores_previous_handler():
     before = signal.getsignal(signal.SIGUSR1)
-    w = StopWatch().install()
+    w = StopRequests().install()
     assert signal.getsignal(signal.SIGUSR1) != before
     w.uninstall()
     assert signal.getsignal(signal.SIGUSR1) == before
 
 
 def test_time_budget():
-    assert StopWatch(exit_duration_s=3600).local_reason() is None
-    expired = StopWatch(exit_duration_s=0.5, start=time.monotonic() - 1)
+    assert StopRequests(exit_duration_s=3600).local_reason() is None
+    expired = StopRequests(exit_duration_s=0.5, start=time.monotonic() - 1)
     assert "exit-duration-in-mins" in expired.local_reason()

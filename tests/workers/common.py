@@ -12,10 +12,10 @@ from typing import Any
 
 def worker_main(body: Callable[[dict[str, Any]], Any]) -> None:
     """Run ``body(args)`` on this rank with torch.distributed up; its return value becomes JSON."""
-    from megatron_mimo.log import silence_known_warnings
+    from megatron_mimo.metrics.log import quiet_third_party
 
-    silence_known_warnings()
-    from megatron_mimo.runtime import destroy_distributed, init_distributed
+    quiet_third_party()
+    from megatron_mimo.distributed.runtime import destroy_distributed, init_distributed
 
     args, result_path = json.loads(sys.argv[1]), Path(sys.argv[2])
     init_distributed()

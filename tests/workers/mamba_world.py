@@ -12,12 +12,13 @@ from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_mimo.layout import BranchSpec
-from megatron_mimo.models.common import TransformerShape, build_transformer_config
+from megatron_mimo.config import TransformerSizes
+from megatron_mimo.config.layout import branch_spec
+from megatron_mimo.distributed.topology import build_topology
+from megatron_mimo.models.common import build_transformer_config
 from megatron_mimo.models.hybrid import local_hybrid_stack_spec
 from megatron_mimo.models.mamba_cpu import CpuMambaMixer
-from megatron_mimo.rng import seed_rank
-from megatron_mimo.topology import build_topology
+from megatron_mimo.training.seeding import seed_rank
 from tests.workers.common import worker_main
 
 HIDDEN, HEAD_DIM, STATE, GROUPS = 32, 8, 6, 2
@@ -59,10 +60,10 @@ def reference(mixer: CpuMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def body(args: dict[str, Any]) -> dict[str, Any]:
-    topo = build_topology([BranchSpec("solo")])
+    topo = build_topology([branch_spec("solo")])
     pgs = topo.pgs()
     config = build_transformer_config(
-        TransformerShape(1, HIDDEN, 4, 64), 1, torch.device("cpu"), normalization="RMSNorm",
+        TransformerSizes(num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64), 1, torch.device("cpu"), normalization="RMSNorm",
         mamba_state_dim=STATE, mamba_head_dim=HEAD_DIM, mamba_num_groups=GROUPS)
     seed_rank(0, "language", 0)
     mixer = CpuMambaMixer(config, MambaMixerSubmodules(ColumnParallelLinear, RowParallelLinear),

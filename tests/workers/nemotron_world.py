@@ -12,7 +12,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from tests.workers.common import forbid_parallel_state_groups, worker_main
 
-LAYOUT = {"encoder_parallel.tp": 2, "encoder_parallel.dp": 1, "language_parallel.tp": 2,
+LAYOUT = {"images_parallel.tp": 2, "images_parallel.dp": 1, "language_parallel.tp": 2,
           "language_parallel.dp": 1, "training.train_iters": 2}
 
 
@@ -34,8 +34,8 @@ def _sharding_report(sharded: dict) -> dict[str, Any]:
 
 
 def body(args: dict[str, Any]) -> dict[str, Any]:
-    from megatron_mimo.cli import apply_overrides
-    from megatron_mimo.presets import tiny_cpu_nemotron
+    from megatron_mimo.config.cli import apply_overrides
+    from megatron_mimo.config.presets import tiny_cpu_nemotron
     from tests.workers.ckpt_world import Run
 
     forbid_parallel_state_groups()
@@ -47,7 +47,7 @@ def body(args: dict[str, Any]) -> dict[str, Any]:
     report = _sharding_report(run.job.model.sharded_state_dict())
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (run.job.branch, report["main_shards"]))
-    run.manager.save(run.state)
+    run.save()
     saved = {n: p.detach().clone() for n, p in run.job.model.named_parameters()}
     run.close()
     again = Run(cfg)

@@ -1,4 +1,5 @@
-"""One gloo rank: each megatron-core call a CPU shim covers fails before the shims, works after."""
+"""One gloo rank: each megatron-core call a process workaround covers fails before the
+workarounds are applied and works after."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_mimo.log import silence_known_warnings
+from megatron_mimo.metrics.log import quiet_third_party
 
 
 def _attempt(fn):
@@ -69,13 +70,25 @@ def _checks():
                                    normalization="RMSNorm", use_cpu_initialization=True)
         return type(hybrid_block.TENorm(config=config, hidden_size=8, eps=1e-5)).__name__
 
-    return {"l2_norm": l2_norm, "clip": clip, "stream": stream, "current_device": current_device,
+    def memory_buffer():  # transformer/dot_product_attention.py:189 (global_memory_buffer)
+        from megatron.core import parallel_state
+
+        return type(parallel_state.get_global_memory_buffer()).__name__
+
+    def save_queue():  # filesystem_async.py:53-66 would start a spawn-context Manager process
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        if filesystem_async._results_queue is None:
+            raise RuntimeError("no write-results queue: the first save would spawn a Manager")
+        return type(filesystem_async._results_queue).__name__
+
+    return {"memory_buffer": memory_buffer, "save_queue": save_queue, "l2_norm": l2_norm, "clip": clip, "stream": stream, "current_device": current_device,
             "bridge_group": bridge_group, "dot_cuda": dot_cuda, "rng_tracker": rng_tracker,
             "hybrid_final_norm": hybrid_final_norm}
 
 
 def main() -> None:
-    silence_known_warnings()
+    quiet_third_party()
     result_path = Path(sys.argv[2])
     dist.init_process_group("gloo")
     checks = _checks()
@@ -83,15 +96,17 @@ def main() -> None:
     BridgeCommunicator = sys.modules["megatron.core.pipeline_parallel.bridge_communicator"].BridgeCommunicator
     BridgeCommunicator._bridge_pg_cache.clear()
 
-    from megatron_mimo.cpu_shims import SHIMS, applied_shims, apply_cpu_shims
-    from megatron_mimo.runtime import prepare_process, select_runtime
+    from megatron_mimo.compat import ALL_WORKAROUNDS, apply_process_workarounds
+    from megatron_mimo.compat.registry import applied
+    from megatron_mimo.distributed.runtime import prepare_process, select_runtime
 
     prepare_process(select_runtime())
     after = {name: _attempt(fn) for name, fn in checks.items()}
     import torch._dynamo
 
-    out = {"before": before, "after": after, "applied": sorted(applied_shims()),
-           "all": sorted(s.name for s in SHIMS), "reapply": apply_cpu_shims(),
+    out = {"before": before, "after": after, "applied": sorted(applied()),
+           "all": sorted(w.name for w in ALL_WORKAROUNDS if w.apply is not None),
+           "reapply": apply_process_workarounds(cpu=True),
            "dynamo_disabled": torch._dynamo.config.disable}
     result_path.write_text(json.dumps(out))
     dist.destroy_process_group()

@@ -7,16 +7,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_mimo.layout import BranchSpec
-from megatron_mimo.runtime import model_parallel_state_is_untouched
-from megatron_mimo.topology import build_topology
+from megatron_mimo.config.layout import branch_spec
+from megatron_mimo.distributed.runtime import model_parallel_state_is_untouched
+from megatron_mimo.distributed.topology import build_topology
 from tests.workers.common import worker_main
 
 LAYOUTS = {
-    "enc_tp1dp2_llm_tp2dp1": [BranchSpec("images", tp=1, dp=2, rank_offset=0),
-                              BranchSpec("language", tp=2, dp=1, rank_offset=2)],
-    "enc_tp2dp1_llm_tp1dp2": [BranchSpec("images", tp=2, dp=1, rank_offset=0),
-                              BranchSpec("language", tp=1, dp=2, rank_offset=2)],
+    "images_tp1dp2_language_tp2dp1": [branch_spec("images", tp=1, dp=2, offset=0),
+                              branch_spec("language", tp=2, dp=1, offset=2)],
+    "images_tp2dp1_language_tp1dp2": [branch_spec("images", tp=2, dp=1, offset=0),
+                              branch_spec("language", tp=1, dp=2, offset=2)],
 }
 
 

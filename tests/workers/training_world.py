@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_mimo.cli import apply_overrides
 from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
-from megatron_mimo.presets import tiny_cpu
-from megatron_mimo.runtime import model_parallel_state_is_untouched, select_runtime
+from megatron_mimo.config.cli import apply_overrides
+from megatron_mimo.config.presets import tiny_cpu
+from megatron_mimo.distributed.runtime import model_parallel_state_is_untouched
 from tests.workers.common import worker_main
 
 ITERS = 6
@@ -31,32 +31,27 @@ def test_config(overrides: dict[str, Any]) -> MimoConfig:
 
 
 def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = None) -> dict:
-    from megatron_mimo.job import build_job, destroy_job
-    from megatron_mimo.topology import build_topology
-    from megatron_mimo.train import TrainState, advance, train_step
+    """Train ``iterations`` steps with the Trainer; each record is the production record plus
+    what the test observes around the step (parameters changed, LR before, scheduler steps)."""
+    from megatron_mimo.training.trainer import Trainer
 
-    runtime = select_runtime()
-    topology = build_topology(cfg.branch_specs())
-    job = build_job(cfg, runtime, topology)
-    state, records = TrainState(), []
-    images_opt = job.optimizer.module_infos[IMAGES].optimizer
-    for it in range(1, iterations + 1):
-        if inject_found_inf_at == it and images_opt is not None:
-            original = images_opt.prepare_grads
-            images_opt.prepare_grads = lambda: True  # found inf on the images ranks only
-        before = [p.detach().clone() for p in job.branch_ddp.parameters()]
-        lr_before = job.schedulers.lrs()
-        result = train_step(job, state)
-        advance(state, result, cfg.training.global_batch_size)
-        if inject_found_inf_at == it and images_opt is not None:
-            images_opt.prepare_grads = original
-        changed = any(not torch.equal(b, p) for b, p in zip(before, job.branch_ddp.parameters(), strict=True))
-        records.append({"loss": result.loss, "grad_norm": result.grad_norm, "skipped": result.skipped,
-                        "lr": job.schedulers.lrs(), "lr_before": lr_before,
-                        "params_changed": changed, "sched_steps": job.schedulers.num_steps})
-    out = {"branch": job.branch, "records": records}
-    destroy_job(job)
-    return out
+    records = []
+    with Trainer(cfg) as trainer:
+        images_opt = trainer.job.optimizer.module_infos[IMAGES].optimizer
+        ddp = trainer.job.branch_ddp
+        for it in range(1, iterations + 1):
+            if inject_found_inf_at == it and images_opt is not None:
+                images_opt.prepare_grads = lambda: True  # found inf on the images ranks only
+            before = [p.detach().clone() for p in ddp.parameters()]
+            lr_before = trainer.job.schedulers.lrs()
+            record = trainer.step()
+            if inject_found_inf_at == it and images_opt is not None:
+                del images_opt.prepare_grads
+            record["params_changed"] = any(
+                not torch.equal(b, p) for b, p in zip(before, ddp.parameters(), strict=True))
+            record.update(lr_before=lr_before, sched_steps=trainer.job.schedulers.num_steps)
+            records.append(record)
+        return {"branch": trainer.branch, "records": records}
 
 
 def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
@@ -64,21 +59,21 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_mimo.data import MockImageText
-    from megatron_mimo.layout import BranchSpec
+    from megatron_mimo.config.layout import branch_spec
+    from megatron_mimo.data.mock import MockImageText
+    from megatron_mimo.distributed.topology import build_topology
     from megatron_mimo.models.common import branch_init_seed
     from megatron_mimo.models.language import gpt_spec
     from megatron_mimo.models.vision import images_inputs, images_submodule_spec
-    from megatron_mimo.optim import build_scheduler
-    from megatron_mimo.rng import seed_rank
-    from megatron_mimo.topology import build_topology
+    from megatron_mimo.training.optimizer import build_scheduler
+    from megatron_mimo.training.seeding import seed_rank
 
-    topo = build_topology([BranchSpec("solo")])
+    topo = build_topology([branch_spec("solo")])
     pgs, cpu, seed = topo.pgs(), torch.device("cpu"), cfg.training.seed
     seed_rank(seed, LANGUAGE, 0)
     torch.manual_seed(branch_init_seed(seed, IMAGES))
     encoder = VisionModalitySubmodules.from_spec(
-        images_submodule_spec(cfg.encoder, cfg.language.hidden_size, 1, pgs, cpu))
+        images_submodule_spec(cfg.images, cfg.language.hidden_size, 1, pgs, cpu))
     torch.manual_seed(branch_init_seed(seed, LANGUAGE))
     lm = build_module(gpt_spec(cfg.language, 1, pgs, cpu))
     opt = cfg.optimizer
@@ -87,7 +82,7 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
         optimizers[name] = torch.optim.AdamW(module.parameters(), lr=0.0, betas=(opt.adam_beta1, opt.adam_beta2),
                                              eps=opt.adam_eps, weight_decay=0.0)
         schedulers[name] = build_scheduler(cfg, optimizers[name], name)
-    data = MockImageText(cfg.encoder, cfg.language, seed)
+    data = MockImageText(cfg.images, cfg.language, seed)
     params = list(encoder.parameters()) + list(lm.parameters())
     gbs, records = cfg.training.global_batch_size, []
     for it in range(iterations):
@@ -127,12 +122,12 @@ def body(args: dict[str, Any]) -> Any:
     if mode == "reference":
         return reference(test_config({}), ITERS)
     if mode == "hetero":
-        cfg = test_config({"encoder_parallel.dp": 1, "language_parallel.offset": 1,
+        cfg = test_config({"images_parallel.dp": 1, "language_parallel.offset": 1,
                            "language_parallel.tp": 1})
         return run_job(cfg, ITERS)
     layouts = {
         "images_tp1dp2_language_tp2dp1": {},
-        "images_tp2dp1_language_tp1dp2": {"encoder_parallel.tp": 2, "encoder_parallel.dp": 1,
+        "images_tp2dp1_language_tp1dp2": {"images_parallel.tp": 2, "images_parallel.dp": 1,
                                           "language_parallel.tp": 1, "language_parallel.dp": 2,
                                           "training.micro_batch_size": 1},
     }

@@ -1,0 +1,174 @@
+"""Checkpoint storage, Megatron-compatible: directory names, tracker, manifest, atomic publish,
+and a file check that names the broken file before megatron-core reads it.
+
+    <save>/latest_checkpointed_iteration.txt     the iteration to resume from
+    <save>/iter_0000NNN/                         one complete checkpoint
+        common.pt  metadata.json  .metadata  __*_*.distcp  mimo_manifest.json
+    <save>/.tmp_iter_0000NNN/                    a checkpoint being written (never loaded)
+
+A checkpoint is written into the temporary directory, finalised by every rank, renamed into
+place, and only then is the tracker rewritten (itself through a temporary file and a rename).
+A crash at any point leaves the tracker on the previous complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from megatron_mimo.errors import CheckpointError
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+MANIFEST_FILENAME = "mimo_manifest.json"
+TMP_PREFIX = ".tmp_"
+
+
+def iteration_dirname(iteration: int) -> str:
+    """Megatron's directory name of one iteration's checkpoint."""
+    return f"iter_{iteration:07d}"
+
+
+def checkpoint_dir(root: str | Path, iteration: int) -> Path:
+    """Final directory of ``iteration`` under ``root``."""
+    return Path(root) / iteration_dirname(iteration)
+
+
+def staging_dir(root: str | Path, iteration: int) -> Path:
+    """Temporary directory a checkpoint is written into before it is published."""
+    return Path(root) / (TMP_PREFIX + iteration_dirname(iteration))
+
+
+def read_tracker(root: str | Path) -> int | None:
+    """Iteration named by the tracker file, or None when there is none (fresh start)."""
+    path = Path(root) / TRACKER_FILENAME
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error}); pass --ckpt-step N to pick a "
+                              f"checkpoint") from None
+    if not text.isdigit():
+        raise CheckpointError(f"{path} holds {text[:40]!r}, not an iteration number; fix it or "
+                              f"pass --ckpt-step N") from None
+    return int(text)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def prepare_staging(root: str | Path, iteration: int) -> Path:
+    """Create an empty staging directory (removing a leftover from a crashed save)."""
+    staging = staging_dir(root, iteration)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(root: str | Path, iteration: int) -> Path:
+    """Move the finished staging directory into place, then point the tracker at it."""
+    root = Path(root)
+    staging, final = staging_dir(root, iteration), checkpoint_dir(root, iteration)
+    if final.exists():  # re-save of the same iteration: the new one wins
+        old = root / (TMP_PREFIX + "old_" + final.name)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(root)
+    write_atomic(root / TRACKER_FILENAME, f"{iteration}\n")
+    return final
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write the small JSON manifest next to the shards (human-readable, checked on load)."""
+    write_atomic(directory / MANIFEST_FILENAME, json.dumps(manifest, indent=1, sort_keys=True))
+
+
+MANIFEST_KEYS = ("format", "iteration", "optimizer_sharding_type", "topology", "contents",
+                 "world_size", "megatron_core_version")
+"""Keys every manifest holds (checked on load)."""
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Manifest of a checkpoint directory; CheckpointError naming the file if it is not one."""
+    path = Path(directory) / MANIFEST_FILENAME
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: {directory} is not a megatron-mimo checkpoint")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupt ({error})") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a megatron-mimo manifest")
+    return manifest
+
+
+def is_complete(directory: Path) -> bool:
+    """A published checkpoint has megatron's metadata and our manifest."""
+    return (directory / "metadata.json").exists() and (directory / MANIFEST_FILENAME).exists()
+
+
+def check_files(directory: Path) -> None:
+    """Raise CheckpointError naming the first unreadable, missing or truncated file.
+
+    Reads DCP's ``.metadata`` (which names every shard file and the byte range of every item in
+    it) and ``common.pt``, and compares each shard's size with the end of its last item. Every
+    rank runs it on the same files, so every rank fails the same way, at once.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    directory = Path(directory)
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+        storage = metadata.storage_data
+        ends: dict[str, int] = {}
+        for info in storage.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as error:  # noqa: BLE001 - any parse failure means the same: corrupt
+        raise CheckpointError(f"{directory / '.metadata'} is unreadable "
+                              f"({type(error).__name__}: {str(error)[:120]})") from None
+    for name, end in sorted(ends.items()):
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing (named in {directory / '.metadata'})")
+        size = path.stat().st_size
+        if size < end:
+            raise CheckpointError(f"{path} is truncated: {size} bytes, its items need {end}")
+    _check_common(directory / "common.pt")
+
+
+def _check_common(path: Path) -> None:
+    import torch
+
+    if not path.exists():
+        return  # megatron-core >= 0.19 may keep the common state inside the shards
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"{path} is unreadable as a torch.save file "
+                              f"({type(error).__name__})") from None

@@ -1,0 +1,192 @@
+"""Device-independent workarounds for megatron-core 0.19.2: each named, gated on its real trigger.
+
+These fail the same way on a GPU as on the CPU: a run without Transformer Engine/apex uses
+torch's Adam and hits the same optimizer-state bugs; a job without ``parallel_state`` lacks the
+buffers and groups ``initialize_model_parallel`` would have made.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import queue
+from typing import Any
+
+import torch
+
+from megatron_mimo.compat.registry import Workaround
+
+# -- process workarounds --------------------------------------------------------------------
+
+
+def _save_queue_missing() -> bool:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    return filesystem_async._results_queue is None
+
+
+def _in_process_save_queue() -> None:
+    """A synchronous torch_dist save collects its write results through
+    ``get_write_results_queue``, which on first use starts a *spawn*-context multiprocessing
+    Manager: a new Python process that re-imports ``__main__`` (torch + megatron), 15-30 s on a
+    small machine, for a queue the same process fills and drains. A plain queue does the job."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._results_queue = queue.Queue()
+
+
+def _memory_buffer_missing() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state._GLOBAL_MEMORY_BUFFER is None
+
+
+def _global_memory_buffer() -> None:
+    """Attention reads megatron's global memory buffer, which only ``initialize_model_parallel``
+    creates; creating it alone makes no process group."""
+    from megatron.core import parallel_state
+
+    parallel_state._set_global_memory_buffer()
+
+
+def _transformer_engine_unusable() -> bool:
+    return not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None
+
+
+def _hybrid_final_norm_is_local() -> None:
+    """``HybridStack`` always builds its final norm as ``TENorm``, whatever the layer spec; without
+    Transformer Engine that is a stub that raises. Use megatron's torch norm (same parameter
+    name ``final_norm.weight``, honours ``config.normalization``)."""
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    hybrid_block.TENorm = WrappedTorchNorm
+
+
+def uses_torch_adam_fallback() -> bool:
+    """Whether megatron-core's optimizers fall back to torch's Adam (no TE, no apex)."""
+    from megatron.core import optimizer
+
+    return bool(optimizer.USING_PYTORCH_OPTIMIZER)
+
+
+def _fully_reshardable_load_keeps_adam_step() -> None:
+    """``load_parameter_state_from_fully_reshardable`` leaves torch Adam's per-parameter ``step``
+    out of the source tensors, but ``_set_main_param_and_optimizer_states`` then looks up every
+    destination key, ``step`` included: KeyError. Missing keys keep their current value here;
+    :func:`rebuild_adam_steps` sets every parameter's step from the loaded groups right after."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        current = self._get_main_param_and_optimizer_states(model_param)
+        missing = {key: value for key, value in current.items() if key not in tensors}
+        return original(self, model_param, {**tensors, **missing})
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+# -- call-site workarounds --------------------------------------------------------------------
+
+
+def apply_branch_tp_group(model: torch.nn.Module, tp_group) -> list[str]:
+    """Give every MegatronModule that lacks ``tp_group`` the branch's TP group; return the names.
+
+    ``MegatronModule.sharded_state_dict`` falls back to ``parallel_state``'s TP group when a
+    module has no ``tp_group`` attribute; ``CLIPViTModel`` and the ``MimoModel`` root are such
+    modules. Without a global parallel_state that fallback raises.
+    """
+    from megatron.core.transformer.module import MegatronModule
+
+    fixed = []
+    for name, module in model.named_modules():
+        if isinstance(module, MegatronModule) and not hasattr(module, "tp_group"):
+            module.tp_group = tp_group
+            fixed.append(name or type(module).__name__)
+    return fixed
+
+
+def _torch_adam(optimizer) -> torch.optim.Optimizer | None:
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else None
+
+
+def ensure_adam_state(optimizer) -> None:
+    """Give every parameter of a never-stepped torch Adam zero moments and its own step.
+
+    DistributedOptimizer's torch fallback cannot build a state dict (or a load template) before
+    the first step: it asserts exactly one step value and reads ``state['step']``. Zeros are
+    what Adam would start from anyway. TE/apex optimizers build their state themselves.
+    """
+    inner = _torch_adam(optimizer)
+    if inner is None:
+        return
+    for group in inner.param_groups:
+        for param in group["params"]:
+            if param not in inner.state or not inner.state[param]:
+                inner.state[param] = {"step": torch.tensor(0.0),
+                                      "exp_avg": torch.zeros_like(param),
+                                      "exp_avg_sq": torch.zeros_like(param)}
+
+
+def rebuild_adam_steps(optimizer) -> None:
+    """Give every parameter its own ``step`` tensor, equal to its loaded param group's step.
+
+    After a load the torch fallback assigns one shared tensor to every parameter (after one more
+    step it reads N+P), and the dp_reshardable path copies the pre-load step back over it; both
+    silently change Adam's bias correction. Only torch's Adam keeps a per-parameter step.
+    """
+    inner = _torch_adam(optimizer)
+    if inner is None:
+        return
+    for group in inner.param_groups:
+        if "step" not in group:
+            continue
+        for param in group["params"]:
+            if param in inner.state:
+                inner.state[param]["step"] = torch.tensor(float(group["step"]))
+
+
+def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
+    """``OptimizerParamScheduler.load_state_dict`` *adds* the saved step count to the current one
+    (``self.step(increment=num_steps)``): a scheduler that already stepped would be stepped
+    twice. Start from zero so the loaded count is the count."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)
+
+
+def tracker_stream_names() -> dict[str, str]:
+    """megatron's RNG tracker stream names (private module constants) by role."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    return {"data": mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME,
+            "model": mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME,
+            "expert": mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME}
+
+
+MCORE_WORKAROUNDS: tuple[Workaround, ...] = (
+    Workaround("in_process_save_queue",
+               ("dist_checkpointing/strategies/filesystem_async.py:53-66",),
+               "a torch_dist save while no write-results queue exists",
+               _in_process_save_queue, _save_queue_missing),
+    Workaround("global_memory_buffer", ("transformer/dot_product_attention.py:189",),
+               "attention without initialize_model_parallel", _global_memory_buffer,
+               _memory_buffer_missing),
+    Workaround("hybrid_final_norm_is_local", ("models/hybrid/hybrid_block.py:215",),
+               "a hybrid model without a usable Transformer Engine (no GPU or not installed)",
+               _hybrid_final_norm_is_local, _transformer_engine_unusable),
+    Workaround("fully_reshardable_load_keeps_adam_step",
+               ("optimizer/distrib_optimizer.py:1223,2390",),
+               "a fully_reshardable optimizer load with torch's Adam (no TE/apex)",
+               _fully_reshardable_load_keeps_adam_step, uses_torch_adam_fallback),
+    Workaround("branch_tp_group", ("transformer/module.py:82-84",),
+               "a MegatronModule without tp_group (CLIPViTModel, the MimoModel root)"),
+    Workaround("adam_state_before_first_step", ("optimizer/distrib_optimizer.py:842,1223",),
+               "a state dict of a never-stepped torch Adam (no TE/apex)"),
+    Workaround("adam_step_rebuild", ("optimizer/distrib_optimizer.py:1049-1051",),
+               "an optimizer load with torch's Adam (no TE/apex)"),
+    Workaround("scheduler_steps_from_zero", ("optimizer_param_scheduler.py:290,388",),
+               "loading a scheduler state into a scheduler object"),
+    Workaround("rng_tracker_stream_names", ("tensor_parallel/random.py:95-97",),
+               "seeding the tracker's named streams without model_parallel_cuda_manual_seed"),
+)

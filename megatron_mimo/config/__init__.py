@@ -1,0 +1,24 @@
+"""The job's configuration: dataclass tree, model sections, layout, presets, flags (no torch)."""
+
+from megatron_mimo.config.layout import (
+    BRANCHES,
+    IMAGES,
+    LANGUAGE,
+    BranchSpec,
+    ParallelismConfig,
+)
+from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig, TransformerSizes
+from megatron_mimo.config.schema import (
+    CheckpointConfig,
+    LoggingConfig,
+    MimoConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainingConfig,
+)
+
+__all__ = [
+    "BRANCHES", "IMAGES", "LANGUAGE", "BranchSpec", "CheckpointConfig", "ImagesModelConfig",
+    "LanguageModelConfig", "LoggingConfig", "MimoConfig", "OptimizerConfig", "ParallelismConfig",
+    "SchedulerConfig", "TrainingConfig", "TransformerSizes",
+]

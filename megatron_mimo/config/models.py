@@ -1,0 +1,130 @@
+"""Model sections of the config: the image encoder and the language model (no torch import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_mimo.errors import require as _require
+from megatron_mimo.errors import require_positive as _require_positive
+
+IMAGES_KINDS = ("vit", "radio")
+LANGUAGE_KINDS = ("gpt", "mamba_hybrid")
+
+
+@dataclass(frozen=True)
+class TransformerSizes:
+    """Sizes every transformer branch has (the shared part of the two model configs)."""
+
+    num_layers: int = 2
+    """Transformer layers."""
+    hidden_size: int = 64
+    """Hidden size."""
+    num_attention_heads: int = 4
+    """Attention heads."""
+    ffn_hidden_size: int = 128
+    """MLP hidden size."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+    def _validate_sizes(self, owner: str, kind: str, kinds: tuple[str, ...], **extra: int) -> None:
+        _require(kind in kinds, f"{owner}.kind must be one of {kinds}, got {kind!r}")
+        _require_positive(owner, num_layers=self.num_layers, hidden_size=self.hidden_size,
+                          num_attention_heads=self.num_attention_heads,
+                          ffn_hidden_size=self.ffn_hidden_size, **extra)
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 f"{owner}.hidden_size {self.hidden_size} must divide by num_attention_heads "
+                 f"{self.num_attention_heads}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0,
+                     f"{owner}.{name} must lie in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ImagesModelConfig(TransformerSizes):
+    """Image encoder (ViT or RADIO) and its projector into the language hidden size."""
+
+    kind: str = "vit"
+    """Encoder family: 'vit' (CLIP-style ViT) or 'radio'."""
+    image_size: int = 32
+    """Square input image side in pixels."""
+    patch_size: int = 8
+    """Square patch side in pixels."""
+    class_token_len: int = 8
+    """Class tokens RADIO prepends (dropped before the projector; radio only)."""
+    pixel_shuffle: int = 1
+    """Merge each SxS block of patch embeddings into one token (S^2 x channels) before the
+    projector; RADIO-based VLMs use 2."""
+
+    def __post_init__(self) -> None:
+        self._validate_sizes("images", self.kind, IMAGES_KINDS, image_size=self.image_size,
+                             patch_size=self.patch_size, pixel_shuffle=self.pixel_shuffle)
+        _require(self.image_size % self.patch_size == 0,
+                 f"images.image_size {self.image_size} must divide by patch_size {self.patch_size}")
+        _require((self.image_size // self.patch_size) % self.pixel_shuffle == 0,
+                 f"images patch grid {self.image_size // self.patch_size} must divide by "
+                 f"pixel_shuffle {self.pixel_shuffle}")
+        _require(self.class_token_len >= 0, f"images.class_token_len must be >= 0, got {self.class_token_len}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per image side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Embeddings one image contributes to the text sequence (after pixel shuffle)."""
+        return (self.grid // self.pixel_shuffle) ** 2
+
+    @property
+    def projector_input_size(self) -> int:
+        """Channels entering the projector."""
+        return self.hidden_size * self.pixel_shuffle ** 2
+
+
+@dataclass(frozen=True)
+class LanguageModelConfig(TransformerSizes):
+    """Language model (GPT or Mamba hybrid) and the text sequence it reads."""
+
+    kind: str = "gpt"
+    """Language family: 'gpt' or 'mamba_hybrid'."""
+    vocab_size: int = 256
+    """Vocabulary size (the image placeholder token is vocab_size - 1)."""
+    seq_length: int = 48
+    """Tokens per sample, image placeholder tokens included."""
+    hybrid_pattern: str = "M*M-"
+    """Mamba-hybrid layer pattern: M = Mamba, * = attention, - = MLP (mamba_hybrid only)."""
+    mamba_state_dim: int = 16
+    """SSM state size of every Mamba layer (mamba_hybrid only)."""
+    mamba_head_dim: int = 16
+    """Channels per Mamba head; heads = 2 x hidden_size / mamba_head_dim (mamba_hybrid only)."""
+    mamba_num_groups: int = 2
+    """B/C groups of every Mamba layer; must divide by the language TP (mamba_hybrid only)."""
+
+    def __post_init__(self) -> None:
+        self._validate_sizes("language", self.kind, LANGUAGE_KINDS, vocab_size=self.vocab_size,
+                             seq_length=self.seq_length, mamba_state_dim=self.mamba_state_dim,
+                             mamba_head_dim=self.mamba_head_dim,
+                             mamba_num_groups=self.mamba_num_groups)
+        _require(set(self.hybrid_pattern) <= set("M*-") and self.hybrid_pattern != "",
+                 f"language.hybrid_pattern may hold only 'M', '*', '-', got {self.hybrid_pattern!r}")
+        if self.kind == "mamba_hybrid":
+            _require(len(self.hybrid_pattern) == self.num_layers, (
+                f"language.hybrid_pattern {self.hybrid_pattern!r} has {len(self.hybrid_pattern)} "
+                f"layers but num_layers is {self.num_layers}"))
+            heads = 2 * self.hidden_size // self.mamba_head_dim
+            _require(2 * self.hidden_size % self.mamba_head_dim == 0 and heads % self.mamba_num_groups == 0,
+                     f"mamba heads (2 x hidden_size {self.hidden_size} / mamba_head_dim "
+                     f"{self.mamba_head_dim}) must be whole and divide by mamba_num_groups "
+                     f"{self.mamba_num_groups}")
+
+    @property
+    def mamba_num_heads(self) -> int:
+        """Heads of every Mamba mixer (expand 2)."""
+        return 2 * self.hidden_size // self.mamba_head_dim
+
+    @property
+    def image_token_id(self) -> int:
+        """Token id that marks where image embeddings go."""
+        return self.vocab_size - 1

@@ -1,0 +1,111 @@
+"""Config presets, chosen with ``--config NAME``; flags then override single fields."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from megatron_mimo.config.layout import ParallelismConfig
+from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.schema import (
+    LoggingConfig,
+    MimoConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainingConfig,
+)
+from megatron_mimo.errors import ConfigError
+
+
+def tiny_cpu() -> MimoConfig:
+    """4 CPU ranks: images TP1xDP2 on ranks 0-1, language TP2xDP1 on ranks 2-3; trains in minutes."""
+    return MimoConfig(
+        name="tiny_cpu",
+        images_parallel=ParallelismConfig(tp=1, dp=2, offset=0),
+        language_parallel=ParallelismConfig(tp=2, dp=1, offset=2),
+        images=ImagesModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                   ffn_hidden_size=128, image_size=32, patch_size=8),
+        language=LanguageModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                     ffn_hidden_size=128, vocab_size=256, seq_length=48),
+        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, images_lr=1e-3, images_min_lr=1e-4),
+        scheduler=SchedulerConfig(lr_warmup_iters=5, lr_decay_style="cosine"),
+        training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=40, seed=1234),
+        logging=LoggingConfig(log_interval=5),
+    )
+
+
+def llava_8gpu() -> MimoConfig:
+    """8 GPUs, LLaVA-like: ViT-L/14-336 at TP2xDP2 on ranks 0-3, a 7B-class GPT at TP4 on ranks 4-7."""
+    return MimoConfig(
+        name="llava_8gpu",
+        images_parallel=ParallelismConfig(tp=2, dp=2, offset=0),
+        language_parallel=ParallelismConfig(tp=4, dp=1, offset=4),
+        images=ImagesModelConfig(num_layers=24, hidden_size=1024, num_attention_heads=16,
+                                   ffn_hidden_size=4096, image_size=336, patch_size=14),
+        language=LanguageModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                                     ffn_hidden_size=11008, vocab_size=32000, seq_length=2048),
+        optimizer=OptimizerConfig(lr=2e-5, min_lr=0.0, images_lr=2e-6, images_min_lr=0.0,
+                                  weight_decay=0.0, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=150, lr_decay_style="cosine"),
+        training=TrainingConfig(micro_batch_size=2, global_batch_size=128, train_iters=5000),
+        logging=LoggingConfig(log_interval=10),
+    )
+
+
+def tiny_cpu_nemotron() -> MimoConfig:
+    """4 CPU ranks, Nemotron-style: RADIO (+ pixel shuffle) TP1xDP2 on ranks 0-1, a Mamba-hybrid
+    language model ('M*M-') TP2xDP1 on ranks 2-3."""
+    base = tiny_cpu()
+    return replace(
+        base, name="tiny_cpu_nemotron",
+        images=ImagesModelConfig(kind="radio", num_layers=2, hidden_size=64, num_attention_heads=4,
+                                   ffn_hidden_size=128, image_size=32, patch_size=4,
+                                   class_token_len=8, pixel_shuffle=2),
+        language=LanguageModelConfig(kind="mamba_hybrid", num_layers=4, hybrid_pattern="M*M-",
+                                     hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                                     vocab_size=256, seq_length=48, mamba_state_dim=16,
+                                     mamba_head_dim=16, mamba_num_groups=2),
+    )
+
+
+def _nemotron_pattern(blocks: int) -> str:
+    """Nemotron-H-like layout: mostly Mamba+MLP pairs, attention every fourth block."""
+    return "".join("M*-" if i % 4 == 3 else "M-" for i in range(blocks))
+
+
+def nemotron_8gpu() -> MimoConfig:
+    """8 GPUs: RADIO ViT-H/16 at TP2xDP2 on ranks 0-3, a Mamba-hybrid LLM at TP2xDP2 on ranks 4-7."""
+    pattern = _nemotron_pattern(24)
+    return MimoConfig(
+        name="nemotron_8gpu",
+        images_parallel=ParallelismConfig(tp=2, dp=2, offset=0),
+        language_parallel=ParallelismConfig(tp=2, dp=2, offset=4),
+        images=ImagesModelConfig(kind="radio", num_layers=32, hidden_size=1280,
+                                   num_attention_heads=16, ffn_hidden_size=5120, image_size=512,
+                                   patch_size=16, class_token_len=8, pixel_shuffle=2),
+        language=LanguageModelConfig(kind="mamba_hybrid", num_layers=len(pattern),
+                                     hybrid_pattern=pattern, hidden_size=4096,
+                                     num_attention_heads=32, ffn_hidden_size=16384,
+                                     vocab_size=131072, seq_length=4096, mamba_state_dim=128,
+                                     mamba_head_dim=64, mamba_num_groups=8),
+        optimizer=OptimizerConfig(lr=1e-5, min_lr=1e-6, images_lr=2e-6, images_min_lr=2e-7,
+                                  weight_decay=0.05, clip_grad=1.0),
+        scheduler=SchedulerConfig(lr_warmup_iters=200, lr_decay_style="cosine"),
+        training=TrainingConfig(micro_batch_size=2, global_batch_size=256, train_iters=10000),
+        logging=LoggingConfig(log_interval=10),
+    )
+
+
+PRESETS: dict[str, Callable[[], MimoConfig]] = {
+    "tiny_cpu": tiny_cpu,
+    "tiny_cpu_nemotron": tiny_cpu_nemotron,
+    "llava_8gpu": llava_8gpu,
+    "nemotron_8gpu": nemotron_8gpu,
+}
+
+
+def get_preset(name: str) -> MimoConfig:
+    """Build a preset by name; unknown names list the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown --config {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()

@@ -1,0 +1,278 @@
+"""The config tree: nested dataclasses for optimizer, schedule, training, checkpoint, logging, job.
+
+No torch import here: the CLI, presets and validation run in a bare interpreter. Every field
+carries a docstring (the string under it); the CLI turns those into ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_mimo.config.layout import (
+    BRANCHES,
+    IMAGES,
+    LANGUAGE,
+    BranchSpec,
+    ParallelismConfig,
+    check_batch_split,
+    check_layout,
+)
+from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.errors import require as _require
+from megatron_mimo.errors import require_positive as _require_positive
+
+DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW settings; the images branch may have its own learning rate."""
+
+    lr: float = 1e-3
+    """Peak learning rate of the language branch (and of the images branch unless --encoder-lr)."""
+    min_lr: float = 1e-4
+    """Learning rate at the end of decay."""
+    images_lr: float | None = None
+    """Peak learning rate of the images branch; None = same as --lr."""
+    images_min_lr: float | None = None
+    """Final learning rate of the images branch; None = same as --min-lr."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip over both branches (0 disables)."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
+            _require(getattr(self, name) >= 0, f"optimizer.{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.min_lr <= self.lr, f"optimizer.min_lr {self.min_lr} must be <= lr {self.lr}")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+                 f"optimizer betas must lie in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+
+    def branch_lr(self, branch: str) -> tuple[float, float]:
+        """(peak, final) learning rate of a branch."""
+        if branch == IMAGES:
+            peak = self.lr if self.images_lr is None else self.images_lr
+            final = self.min_lr if self.images_min_lr is None else self.images_min_lr
+            return peak, final
+        return self.lr, self.min_lr
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Learning-rate schedule shared by both branches' OptimizerParamSchedulers."""
+
+    lr_warmup_iters: int = 0
+    """Iterations of linear warmup from 0."""
+    lr_decay_iters: int | None = None
+    """Iterations over which to decay; None = --train-iters."""
+    lr_decay_style: str = "cosine"
+    """Decay style: constant, linear or cosine."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr_decay_style in DECAY_STYLES,
+                 f"scheduler.lr_decay_style must be one of {DECAY_STYLES}, got {self.lr_decay_style!r}")
+        _require(self.lr_warmup_iters >= 0, f"scheduler.lr_warmup_iters must be >= 0, got {self.lr_warmup_iters}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Batch sizes, length of the run and evaluation cadence."""
+
+    micro_batch_size: int = 2
+    """Samples per micro-batch on one language DP rank."""
+    global_batch_size: int = 4
+    """Samples per iteration over the whole job."""
+    train_iters: int = 30
+    """Iterations to train."""
+    seed: int = 1234
+    """Random seed (weights, data, dropout)."""
+    eval_interval: int = 0
+    """Run evaluation every N iterations (0 disables)."""
+    eval_iters: int = 2
+    """Batches per evaluation."""
+    exit_interval: int | None = None
+    """Stop after the iteration that is a multiple of N."""
+    exit_duration_in_mins: float | None = None
+    """Stop (saving a checkpoint with --save) once this many minutes have passed since start."""
+
+    def __post_init__(self) -> None:
+        _require_positive("training", micro_batch_size=self.micro_batch_size,
+                          global_batch_size=self.global_batch_size, train_iters=self.train_iters)
+        _require(self.global_batch_size % self.micro_batch_size == 0,
+                 f"training.global_batch_size {self.global_batch_size} must divide by micro_batch_size {self.micro_batch_size}")
+        _require(self.eval_interval >= 0, f"training.eval_interval must be >= 0, got {self.eval_interval}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where to save and load checkpoints and what to include (Megatron's flag names)."""
+
+    save: str | None = None
+    """Directory to save checkpoints to (a checkpoint is always written at the last iteration)."""
+    load: str | None = None
+    """Directory to load a checkpoint from (latest_checkpointed_iteration.txt picks it)."""
+    save_interval: int | None = None
+    """Save every N iterations."""
+    no_save_optim: bool = False
+    """Do not save optimizer state (such a checkpoint resumes only with --no-load-optim/--finetune)."""
+    no_save_rng: bool = False
+    """Do not save RNG state."""
+    no_load_optim: bool = False
+    """Do not load optimizer state: Adam moments start fresh; iteration and LR schedule continue."""
+    no_load_scheduler: bool = False
+    """Do not load the LR schedulers: the schedule restarts from step 0 (warmup again)."""
+    no_load_rng: bool = False
+    """Do not load RNG state: streams are seeded from --seed as in a new run."""
+    finetune: bool = False
+    """Load model weights only; iteration, data position, optimizer and schedulers start fresh."""
+    ckpt_step: int | None = None
+    """Load this iteration instead of the one in latest_checkpointed_iteration.txt."""
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """Save optimizer state 'fully_reshardable' (resumable under another TP/DP) instead of 'dp_reshardable'."""
+    ckpt_timeout_s: int = 300
+    """Bound on every checkpoint collective: a rank missing for this long becomes an error naming it."""
+
+    def __post_init__(self) -> None:
+        _require(self.save_interval is None or self.save_interval >= 1,
+                 f"checkpoint.save_interval must be >= 1, got {self.save_interval}")
+        _require(self.ckpt_step is None or self.ckpt_step >= 0,
+                 f"checkpoint.ckpt_step must be >= 0, got {self.ckpt_step}")
+        _require(self.ckpt_timeout_s >= 1, f"checkpoint.ckpt_timeout_s must be >= 1, got {self.ckpt_timeout_s}")
+
+    @property
+    def optimizer_sharding_type(self) -> str:
+        """DistributedOptimizer checkpoint format (never megatron's rejected default)."""
+        return "fully_reshardable" if self.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """What is printed and where metrics go."""
+
+    log_interval: int = 1
+    """Print a training line every N iterations."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars here (needs the 'tb' extra)."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    metrics_file: str | None = None
+    """Append one JSON line per iteration (loss, grad norm, LR per branch, samples) here."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval >= 1, f"logging.log_interval must be >= 1, got {self.log_interval}")
+
+
+@dataclass(frozen=True)
+class MimoConfig:
+    """The whole job: both branches' layout and models, optimizer, schedule, training, I/O."""
+
+    images_parallel: ParallelismConfig = field(default_factory=ParallelismConfig)
+    """Layout of the images branch."""
+    language_parallel: ParallelismConfig = field(default_factory=lambda: ParallelismConfig(offset=1))
+    """Layout of the language branch."""
+    images: ImagesModelConfig = field(default_factory=ImagesModelConfig)
+    """Image encoder model."""
+    language: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    """Language model."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+    name: str = "custom"
+    """Preset the config started from."""
+
+    def __post_init__(self) -> None:
+        _require(self.images_parallel.pp == 1,
+                 f"the images branch supports pp=1 only, got --encoder-pp {self.images_parallel.pp}")
+        _require(self.language_parallel.pp == 1,
+                 f"training supports --llm-pp 1 only for now, got --llm-pp {self.language_parallel.pp}")
+        specs = self.branch_specs()
+        check_layout(specs, self.world_size)
+        check_batch_split(specs, self.training.global_batch_size, self.job_micro_batch)
+        self._validate_model_split()
+
+    def parallel(self, branch: str) -> ParallelismConfig:
+        """Layout of a branch by name."""
+        return {IMAGES: self.images_parallel, LANGUAGE: self.language_parallel}[branch]
+
+    def branch_specs(self) -> list[BranchSpec]:
+        """Both branches as BranchSpecs, images first (the order every rank builds groups in)."""
+        return [self.parallel(name).spec(name) for name in BRANCHES]
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the job needs: both branches side by side."""
+        return max(s.rank_offset + s.num_ranks for s in self.branch_specs())
+
+    @property
+    def job_micro_batch(self) -> int:
+        """Samples one micro-step consumes job-wide: micro_batch_size x language dp."""
+        return self.training.micro_batch_size * self.language_parallel.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-steps per iteration (gradient accumulation)."""
+        return self.training.global_batch_size // self.job_micro_batch
+
+    def branch_micro_batch(self, branch: str) -> int:
+        """Samples per micro-step on one DP rank of ``branch``."""
+        return self.job_micro_batch // self.parallel(branch).dp
+
+    def _validate_model_split(self) -> None:
+        for branch, model in ((IMAGES, self.images), (LANGUAGE, self.language)):
+            tp = self.parallel(branch).tp
+            _require(model.num_attention_heads % tp == 0, (
+                f"{branch} branch: num_attention_heads {model.num_attention_heads} must divide by tp {tp}"))
+            _require(model.ffn_hidden_size % tp == 0, (
+                f"{branch} branch: ffn_hidden_size {model.ffn_hidden_size} must divide by tp {tp}"))
+        _require(self.language.seq_length > self.images.num_image_tokens + 1, (
+            f"language.seq_length {self.language.seq_length} must exceed the image tokens per "
+            f"sample + 1 ({self.images.num_image_tokens + 1})"))
+        if self.language.kind == "mamba_hybrid":
+            tp = self.language_parallel.tp
+            _require(self.language.mamba_num_groups % tp == 0 and self.language.mamba_num_heads % tp == 0,
+                     f"language branch: mamba_num_groups {self.language.mamba_num_groups} and mamba "
+                     f"heads {self.language.mamba_num_heads} must divide by tp {tp}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for logs and checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MimoConfig:
+        """Inverse of :meth:`to_dict`."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            section_type = SECTION_TYPES.get(f.name)
+            kwargs[f.name] = section_type(**value) if section_type else value
+        return cls(**kwargs)
+
+
+SECTION_TYPES: dict[str, type] = {
+    "images_parallel": ParallelismConfig,
+    "language_parallel": ParallelismConfig,
+    "images": ImagesModelConfig,
+    "language": LanguageModelConfig,
+    "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
+    "training": TrainingConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}

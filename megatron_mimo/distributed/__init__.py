@@ -1,0 +1,1 @@
+"""Process groups and device: per-branch HyperCommGrid topology, device/backend choice, init/teardown."""

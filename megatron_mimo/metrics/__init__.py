@@ -1,0 +1,1 @@
+"""Rank-aware logging and the reporting rank's metric sinks (log line, JSON lines, TensorBoard)."""

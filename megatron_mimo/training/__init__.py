@@ -1,0 +1,1 @@
+"""Training: job assembly, the step, the Trainer loop, optimizer and schedulers, train state, stops."""

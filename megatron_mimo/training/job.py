@@ -1,0 +1,102 @@
+"""Everything one rank needs to train, built once: topology, model, optimizer, bridge, data."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from megatron.core.distributed import DistributedDataParallel
+from megatron.core.models.mimo import MimoModel
+from megatron.core.models.mimo.optimizer import MimoOptimizer
+from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+
+from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.schema import MimoConfig
+from megatron_mimo.data.mock import MockImageText
+from megatron_mimo.data.sampler import BranchSampler
+from megatron_mimo.distributed.runtime import Runtime
+from megatron_mimo.distributed.topology import Topology
+from megatron_mimo.models.mimo import branch_module, build_mimo_model
+from megatron_mimo.training.optimizer import (
+    BranchSchedulers,
+    build_mimo_optimizer,
+    build_schedulers,
+)
+from megatron_mimo.training.seeding import seed_rank
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A rank's training objects. Pass it explicitly; nothing here is global."""
+
+    cfg: MimoConfig
+    runtime: Runtime
+    topology: Topology
+    model: MimoModel
+    optimizer: MimoOptimizer
+    schedulers: BranchSchedulers
+    bridge: BridgeCommunicator
+    dataset: MockImageText
+    sampler: BranchSampler
+    num_parameters: int = 0
+    """Parameters of both branches (world-wide, TP shards added up once per branch); set by
+    :func:`build_job`."""
+
+    @property
+    def branch(self) -> str:
+        """This rank's branch."""
+        return self.topology.my_branch
+
+    @property
+    def branch_ddp(self) -> DistributedDataParallel:
+        """This rank's DDP-wrapped branch module."""
+        return branch_module(self.model, self.branch)
+
+    def is_reporting_rank(self) -> bool:
+        """The one rank that prints and writes metrics: language branch, TP 0, DP 0, last PP."""
+        if self.branch != LANGUAGE:
+            return False
+        pgs = self.topology.pgs()
+        return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and pgs.pp.rank() == pgs.pp.size() - 1
+
+
+def build_bridge(topology: Topology) -> BridgeCommunicator:
+    """Images -> language bridge (collective: every rank builds it). Encoder outputs are 2-D
+    ``[tokens, hidden]``, so DP fan-in/fan-out concatenates/splits along dim 0."""
+    return BridgeCommunicator(topology.grid(IMAGES), topology.grid(LANGUAGE),
+                              comm_dtype=torch.float32, src_module_name=IMAGES,
+                              dest_module_name=LANGUAGE, tensor_ndim=2)
+
+
+def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
+    """Seed, build the model, optimizer, schedulers, bridge and data for this rank."""
+    branch = topology.my_branch
+    seed_rank(cfg.training.seed, branch, topology.tp_rank())
+    model = build_mimo_model(cfg, topology, runtime.device)
+    optimizer = build_mimo_optimizer(cfg, model, topology)
+    schedulers = build_schedulers(cfg, optimizer, topology)
+    bridge = build_bridge(topology)
+    spec = topology.spec(branch)
+    sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
+    dataset = MockImageText(cfg.images, cfg.language, cfg.training.seed)
+    job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)
+    job.num_parameters = count_parameters(job)
+    return job
+
+
+def count_parameters(job: Job) -> int:
+    """Both branches' parameter count: one DP replica of each branch reports its TP shards."""
+    local = sum(p.numel() for p in job.branch_ddp.parameters()) if job.topology.dp_rank() == 0 else 0
+    total = torch.tensor([float(local)], device=job.runtime.device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
+
+
+def destroy_job(job: Job) -> None:
+    """Release the job's process groups (bridge caches, branch grids); call on every rank."""
+    job.bridge.destroy_broadcast_pgs()
+    job.bridge.destroy_bridge_pgs()
+    job.topology.destroy()

@@ -1,0 +1,91 @@
+"""Progress of a run and what one iteration reports: the train state a checkpoint keeps, the
+world-agreed result of a step, and the metrics record every sink receives."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FLOPS_PER_PARAMETER_TOKEN = 6.0
+"""Training FLOPs per parameter per token (forward + backward), the usual estimate."""
+
+
+@dataclass
+class StepResult:
+    """World-agreed outcome of one iteration (identical on every rank)."""
+
+    loss: float
+    num_tokens: int
+    grad_norm: float | None
+    skipped: bool
+    phase_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    """Progress of the run; with model, optimizer, schedulers, data and RNG, all a resume needs."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    floating_point_operations: float = 0.0
+    """Training FLOPs so far, estimated as 6 x parameters x loss tokens (both branches)."""
+    skipped_iterations: int = 0
+    skipped_at: list[int] = field(default_factory=list)
+    """Iterations whose step the world agreed to skip (found inf/nan); saved by :class:`SkipHistory`."""
+    stopped_early: bool = field(default=False, compare=False)
+    """Set when a signal or the time budget ended the run (not saved in checkpoints)."""
+
+    def advance(self, result: StepResult, global_batch_size: int, num_parameters: int) -> None:
+        """Account one finished iteration (data is consumed even when the step was skipped)."""
+        if num_parameters <= 0:
+            raise ValueError(f"num_parameters must be > 0 (got {num_parameters}): FLOPs would be 0")
+        self.iteration += 1
+        self.consumed_samples += global_batch_size
+        self.consumed_tokens += result.num_tokens
+        self.floating_point_operations += FLOPS_PER_PARAMETER_TOKEN * num_parameters * result.num_tokens
+        self.skipped_iterations += int(result.skipped)
+        if result.skipped:
+            self.skipped_at.append(self.iteration)
+
+    def state_dict(self) -> dict[str, Any]:
+        """World-wide progress (saved once, as common state)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("skipped_at", "stopped_early")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from saved progress."""
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+class SkipHistory:
+    """The skip history of a :class:`TrainState` as a per-branch checkpoint piece.
+
+    It is saved in every checkpoint, empty while nothing was skipped, so the sharded structure
+    is the same in every save (a cached save plan never drops it)."""
+
+    def __init__(self, state: TrainState) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Iterations skipped so far."""
+        return {"skipped_at": list(self.state.skipped_at)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the skipped iterations."""
+        self.state.skipped_at = list(state["skipped_at"])
+
+
+def iteration_record(state: TrainState, result: StepResult, lrs: dict[str, float],
+                     elapsed_s: float) -> dict[str, Any]:
+    """What one iteration reports (identical on every rank; bit-exact floats in JSON)."""
+    return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+            "loss": result.loss, "grad_norm": result.grad_norm, "lr": lrs,
+            "num_tokens": result.num_tokens, "skipped": result.skipped,
+            "skipped_iterations": state.skipped_iterations,
+            "consumed_tokens": state.consumed_tokens,
+            "floating_point_operations": state.floating_point_operations,
+            "ms_per_iteration": elapsed_s * 1e3,
+            "tokens_per_s": result.num_tokens / max(elapsed_s, 1e-9)}

@@ -1,0 +1,42 @@
+"""Each process workaround (compat/cpu.py, compat/mcore.py) is needed: the megatron-core call
+it covers fails without it, and works with it. (fully_reshardable_load_keeps_adam_step is proven
+by the fully_reshardable resume tests, which raise KeyError 'step' without it.)"""
+
+import pytest
+import torch
+
+from tests.harness import run_world
+
+pytestmark = [pytest.mark.dist,
+              pytest.mark.skipif(torch.cuda.is_available(), reason="CPU workarounds apply only without a GPU")]
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_world("tests.workers.shims_check", world_size=1, timeout=120)[0]
+
+
+@pytest.mark.parametrize("check", ["memory_buffer", "save_queue", "l2_norm", "clip", "stream", "current_device", "bridge_group",
+                                   "dot_cuda", "rng_tracker", "hybrid_final_norm"])
+def test_call_fails_without_workarounds(report, check):
+    assert not report["before"][check]["ok"], report["before"][check]
+
+
+def test_calls_work_with_workarounds(report):
+    after = report["after"]
+    assert all(v["ok"] for v in after.values()), after
+    assert after["l2_norm"]["value"] == ["cpu", 5.0]
+    assert after["clip"]["value"] == pytest.approx([0.5, 0.5], rel=1e-5)  # 2.0 * 1/(4+1e-6)
+    assert after["current_device"]["value"] == "cpu"
+    assert after["bridge_group"]["value"] == "gloo"
+    assert after["dot_cuda"]["value"] == "cpu"
+    assert after["rng_tracker"]["value"] is True  # the named stream lives on the CPU generator
+    assert after["hybrid_final_norm"]["value"] == "RMSNorm"
+    assert after["memory_buffer"]["value"] == "GlobalMemoryBuffer"
+    assert after["save_queue"]["value"] == "Queue"  # in-process, no helper process
+
+
+def test_every_process_workaround_applied_once(report):
+    assert report["applied"] == report["all"]
+    assert report["reapply"] == []
+    assert report["dynamo_disabled"] is True
