@@ -27,7 +27,12 @@ import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_mimo.checkpoint.rng import capture_rng, restore_rng
-from megatron_mimo.compat.mcore import ensure_adam_state, load_scheduler_state, rebuild_adam_steps
+from megatron_mimo.compat.mcore import (
+    apply_wrapper_free_keys,
+    ensure_adam_state,
+    load_scheduler_state,
+    rebuild_adam_steps,
+)
 from megatron_mimo.config.layout import ParallelismConfig
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
@@ -80,13 +85,21 @@ class Contents:
                    progress=True, sharding_type=ckpt.optimizer_sharding_type)
 
     @classmethod
-    def to_load(cls, ckpt: CheckpointConfig, manifest: dict[str, Any], topology: Topology) -> Contents:
+    def to_load(cls, ckpt: CheckpointConfig, manifest: dict[str, Any], topology: Topology,
+                precision: str) -> Contents:
         """What a load reads: the flags, limited by what the checkpoint holds and the layout."""
         saved = set(manifest["contents"])
         optimizer = not (ckpt.finetune or ckpt.no_load_optim)
         if optimizer and "optimizer" not in saved:
             raise CheckpointError("the checkpoint holds no optimizer state (saved with "
                                   "--no-save-optim): resume with --no-load-optim or --finetune")
+        saved_precision = manifest.get("precision", "fp32")
+        if optimizer and saved_precision != precision:
+            flag = "no --bf16/--fp16" if saved_precision == "fp32" else f"--{saved_precision}"
+            raise CheckpointError(
+                f"the checkpoint was trained in {saved_precision} and this run trains in "
+                f"{precision}: its optimizer state belongs to {saved_precision}; resume with "
+                f"{flag}, or load the weights only (--finetune / --no-load-optim)")
         check_layout(manifest, topology, optimizer)
         same_ranks = all(_saved_parallel(manifest, name) == topology.spec(name).parallel
                          for name in topology.branches)
@@ -160,7 +173,7 @@ def sharded_state(pieces: Pieces, topology: Topology, contents: Contents,
     """This rank's sharded state dict: what a save writes, or the template a load fills."""
     branch, pgs = topology.my_branch, topology.pgs()
     spec = topology.spec(branch)
-    model_sd = pieces.model.sharded_state_dict()
+    model_sd = apply_wrapper_free_keys(pieces.model.sharded_state_dict())
     sharded: dict[str, Any] = {"model": model_sd}
     if contents.optimizer:
         for optimizer in inner_optimizers(pieces.optimizer):
@@ -192,6 +205,8 @@ def apply_loaded(pieces: Pieces, loaded: dict[str, Any], contents: Contents, bra
             pieces.optimizer.load_state_dict(loaded["optimizer"])
         for optimizer in inner_optimizers(pieces.optimizer):
             rebuild_adam_steps(optimizer)
+    else:
+        rederive_main_params(pieces.optimizer)
     if contents.scheduler:
         _load_schedulers(pieces.schedulers, loaded["scheduler"], branch)
     if contents.progress:
@@ -200,6 +215,20 @@ def apply_loaded(pieces: Pieces, loaded: dict[str, Any], contents: Contents, bra
         pieces.events.load_state_dict(loaded["events"])
     if contents.rng:
         restore_rng(loaded["rng"])
+
+
+def rederive_main_params(mimo_optimizer) -> None:
+    """Copy the loaded weights into the optimizer's main parameters (no optimizer state loaded).
+
+    In bf16/fp16 the fp32 main parameters are separate tensors: without this the next step would
+    write the pre-load main parameters back over the loaded weights. (In fp32 they are views of
+    the weights and this copies nothing new.)"""
+    optimizers = inner_optimizers(mimo_optimizer)
+    for optimizer in optimizers:
+        optimizer.reload_model_params()
+    if any(getattr(o.config, "bf16", False) or getattr(o.config, "fp16", False) for o in optimizers):
+        logger.info("optimizer state not loaded: fp32 main parameters re-derived from the loaded "
+                    "16-bit weights")
 
 
 def _load_schedulers(schedulers: dict[str, Any], states: dict[str, dict[str, Any]],
@@ -219,7 +248,7 @@ FORMAT = "megatron-mimo/1"
 
 
 def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerprint: str,
-                 config: dict[str, Any]) -> dict[str, Any]:
+                 config: dict[str, Any], precision: str) -> dict[str, Any]:
     """Small description of a checkpoint, identical on every rank (common state + JSON file)."""
     from megatron.core import __version__ as mcore_version
 
@@ -229,5 +258,6 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
         "topology": {name: dataclasses.asdict(topology.spec(name).parallel)
                      for name in topology.branches},
         "world_size": topology.world_size, "sharded_keys_fingerprint": fingerprint,
+        "precision": precision,
         "contents": sorted(contents.names()), "config_name": config.get("name"),
     }

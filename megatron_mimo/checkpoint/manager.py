@@ -57,11 +57,13 @@ def sharded_keys(state: dict) -> list[str]:
 class CheckpointManager:
     """Saves and loads ``pieces``; create it on every rank (it creates a process group).
 
-    ``config`` is the job's full config as a plain dict (saved with every checkpoint)."""
+    ``config`` is the job's full config as a plain dict (saved with every checkpoint);
+    ``precision`` the training dtype ('fp32', 'bf16', 'fp16') the optimizer state belongs to."""
 
     def __init__(self, pieces: Pieces, topology: Topology, ckpt: CheckpointConfig,
-                 config: dict[str, Any]) -> None:
+                 config: dict[str, Any], precision: str = "fp32") -> None:
         self.pieces, self.topology, self.ckpt, self.config = pieces, topology, ckpt, config
+        self.precision = precision
         self.timeout = datetime.timedelta(seconds=self.ckpt.ckpt_timeout_s)
         self.group = dist.new_group(backend="gloo", timeout=self.timeout)
         self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
@@ -115,7 +117,8 @@ class CheckpointManager:
             logger.warning("sharded structure changed since the last save: dropping the cached save plan")
             self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
         self.last_fingerprint = fingerprint
-        manifest = manifest_for(iteration, self.topology, contents, fingerprint, self.config)
+        manifest = manifest_for(iteration, self.topology, contents, fingerprint, self.config,
+                                self.precision)
         sharded["manifest"] = manifest
         sharded["config"] = self.config
         if dist.get_rank() == 0:
@@ -177,7 +180,7 @@ class CheckpointManager:
         manifest = storage.read_manifest(directory)
         self._check_manifest(manifest, directory)
         storage.check_files(directory)
-        contents = Contents.to_load(self.ckpt, manifest, self.topology)
+        contents = Contents.to_load(self.ckpt, manifest, self.topology, self.precision)
         template = sharded_state(self.pieces, self.topology, contents, saving=False)
         try:
             loaded = dist_checkpointing.load(template, str(directory),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import queue
+import re
 from typing import Any
 
 import torch
@@ -155,6 +156,106 @@ def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
     scheduler.load_state_dict(state)
 
 
+class DeferredScalerUpdate:
+    """A branch's grad scaler whose ``update`` waits for the world's found-inf verdict.
+
+    Each branch's optimizer updates its loss scaler inside ``prepare_grads`` with the found-inf
+    flag of *its own* gradients. With an overflow on the images ranks only, the images scaler
+    backs off while the language scaler grows; the loss, scaled by the language scaler, then no
+    longer matches the images scaler's unscaling. Here the branch's update is only recorded;
+    :meth:`settle` applies the world-agreed flag, so every branch's scaler moves identically.
+    """
+
+    def __init__(self, scaler) -> None:
+        self.scaler = scaler
+
+    def update(self, found_inf: bool) -> None:
+        """Defer: the world verdict comes through :meth:`settle`."""
+
+    def settle(self, found_inf: bool) -> None:
+        """Apply the world-agreed found-inf flag to the real scaler."""
+        self.scaler.update(found_inf)
+
+    def __getattr__(self, name: str) -> Any:  # scale, inv_scale, state_dict, load_state_dict
+        return getattr(self.scaler, name)
+
+
+def defer_scaler_updates(optimizers) -> list[DeferredScalerUpdate]:
+    """Give every optimizer with a grad scaler (inside a ChainedOptimizer too) a
+    :class:`DeferredScalerUpdate`; return them."""
+    deferred = []
+    for optimizer in (inner for outer in optimizers
+                      for inner in getattr(outer, "chained_optimizers", [outer])):
+        scaler = getattr(optimizer, "grad_scaler", None)
+        if scaler is not None and not isinstance(scaler, DeferredScalerUpdate):
+            optimizer.grad_scaler = DeferredScalerUpdate(scaler)
+            deferred.append(optimizer.grad_scaler)
+    return deferred
+
+
+def settle_scaler_updates(local_found_inf: bool, deferred: list[DeferredScalerUpdate],
+                          device: torch.device) -> bool:
+    """World MAX of found-inf, applied to every deferred scaler; returns the world verdict.
+
+    Every rank calls it once per step (one small all-reduce), with or without a scaler."""
+    flag = torch.tensor([1.0 if local_found_inf else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    found_inf = flag.item() > 0
+    for scaler in deferred:
+        scaler.settle(found_inf)
+    return found_inf
+
+
+def apply_unnested_grad_scaler(optimizer_sharded: dict[str, Any]) -> dict[str, Any]:
+    """Unwrap the grad-scaler ShardedObject MimoOptimizer wraps around another ShardedObject.
+
+    With 'dp_reshardable', DistributedOptimizer already turns every non-tensor entry (the grad
+    scaler included) into a ShardedObject; MimoOptimizer then wraps the scaler once more, so a
+    load hands ``grad_scaler.load_state_dict`` a ShardedObject instead of the scaler state
+    (``TypeError: 'ShardedObject' object is not subscriptable``): no fp16 run could resume.
+    The outer object (key ``mimo.<branch>...grad_scaler``, one main replica per branch) keeps the
+    inner object's data: the scaler state itself.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in list(node.items()):
+                if (str(key).startswith("_mimo_grad_scaler") and isinstance(value, ShardedObject)
+                        and isinstance(value.data, ShardedObject)):
+                    value.data = value.data.data
+                else:
+                    visit(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                visit(value)
+
+    visit(optimizer_sharded)
+    return optimizer_sharded
+
+
+WRAPPER_LEVELS = re.compile(r"^(language_model\.|modality_submodules\.[^.]+\.)(?:module\.)+")
+"""The ``module.`` segments MimoModel inserts after a branch's name, one per wrapper level."""
+
+
+def apply_wrapper_free_keys(model_sharded: dict[str, Any]) -> dict[str, Any]:
+    """Drop the ``module.`` levels from every checkpoint key of a MimoModel sharded state dict.
+
+    ``MimoModel.sharded_state_dict`` adds ``module.`` per wrapper (DDP, Float16Module), so the
+    same weight is ``language_model.module.decoder...`` in fp32 and
+    ``language_model.module.module.decoder...`` in bf16: a checkpoint would not load across
+    precisions. With this, keys are ``language_model.decoder...`` whatever wraps the branch. Only
+    the checkpoint keys change; the dict keys (for ``load_state_dict``) stay the module's own.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for value in nested_values(model_sharded):
+        key = getattr(value, "key", None)
+        if isinstance(key, str):
+            value.key = WRAPPER_LEVELS.sub(r"\1", key)
+    return model_sharded
+
+
 def tracker_stream_names() -> dict[str, str]:
     """megatron's RNG tracker stream names (private module constants) by role."""
     from megatron.core.tensor_parallel import random as mcore_random
@@ -187,6 +288,14 @@ MCORE_WORKAROUNDS: tuple[Workaround, ...] = (
                "an optimizer load with torch's Adam (no TE/apex)"),
     Workaround("scheduler_steps_from_zero", ("optimizer_param_scheduler.py:290,388",),
                "loading a scheduler state into a scheduler object"),
+    Workaround("world_agreed_loss_scaler", ("optimizer/optimizer.py:770",
+                                            "models/mimo/optimizer.py:53-58"),
+               "fp16 with an overflow in one branch's gradients only"),
+    Workaround("unnested_grad_scaler", ("models/mimo/optimizer.py:252-260",
+                                        "optimizer/distrib_optimizer.py:1533-1547"),
+               "an fp16 (grad scaler) optimizer saved 'dp_reshardable'"),
+    Workaround("wrapper_free_checkpoint_keys", ("models/mimo/model/base.py:101-145",),
+               "a branch wrapped in DDP and/or Float16Module (always: keys must not depend on it)"),
     Workaround("rng_tracker_stream_names", ("tensor_parallel/random.py:95-97",),
                "seeding the tracker's named streams without model_parallel_cuda_manual_seed"),
 )

@@ -8,6 +8,7 @@ from megatron_mimo.config.layout import (
     ParallelismConfig,
 )
 from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig, TransformerSizes
+from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import (
     CheckpointConfig,
     LoggingConfig,
@@ -19,6 +20,6 @@ from megatron_mimo.config.schema import (
 
 __all__ = [
     "BRANCHES", "IMAGES", "LANGUAGE", "BranchSpec", "CheckpointConfig", "ImagesModelConfig",
-    "LanguageModelConfig", "LoggingConfig", "MimoConfig", "OptimizerConfig", "ParallelismConfig",
+    "LanguageModelConfig", "LoggingConfig", "MimoConfig", "OptimizerConfig", "ParallelismConfig", "PrecisionConfig",
     "SchedulerConfig", "TrainingConfig", "TransformerSizes",
 ]

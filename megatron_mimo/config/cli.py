@@ -18,6 +18,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_mimo.config.memory import format_memory
 from megatron_mimo.config.presets import PRESETS, get_preset
 from megatron_mimo.config.schema import SECTION_TYPES, MimoConfig
 
@@ -177,11 +178,12 @@ def config_to_argv(cfg: MimoConfig) -> list[str]:
 
 
 def format_layout(cfg: MimoConfig) -> str:
-    """Human table of the job: one line per branch, then micro-batching."""
+    """Human table of the job: one line per branch, micro-batching, memory per rank."""
     lines = [f"config {cfg.name}: world size {cfg.world_size}"]
     for spec in cfg.branch_specs():
         lines.append(f"  {spec.describe()}, {cfg.branch_micro_batch(spec.name)} sample(s) "
                      f"per DP rank per micro-step")
     lines.append(f"  global batch {cfg.training.global_batch_size} = {cfg.num_microbatches} "
                  f"micro-step(s) x {cfg.job_micro_batch} samples")
+    lines.append(format_memory(cfg))
     return "\n".join(lines)

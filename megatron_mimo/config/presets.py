@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from megatron_mimo.config.layout import ParallelismConfig
 from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import (
     LoggingConfig,
     MimoConfig,
@@ -48,6 +49,7 @@ def llava_8gpu() -> MimoConfig:
                                   weight_decay=0.0, clip_grad=1.0),
         scheduler=SchedulerConfig(lr_warmup_iters=150, lr_decay_style="cosine"),
         training=TrainingConfig(micro_batch_size=2, global_batch_size=128, train_iters=5000),
+        precision=PrecisionConfig(bf16=True),
         logging=LoggingConfig(log_interval=10),
     )
 
@@ -92,6 +94,7 @@ def nemotron_8gpu() -> MimoConfig:
                                   weight_decay=0.05, clip_grad=1.0),
         scheduler=SchedulerConfig(lr_warmup_iters=200, lr_decay_style="cosine"),
         training=TrainingConfig(micro_batch_size=2, global_batch_size=256, train_iters=10000),
+        precision=PrecisionConfig(bf16=True),
         logging=LoggingConfig(log_interval=10),
     )
 

@@ -20,6 +20,7 @@ from megatron_mimo.config.layout import (
     check_layout,
 )
 from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.errors import require as _require
 from megatron_mimo.errors import require_positive as _require_positive
 
@@ -188,6 +189,8 @@ class MimoConfig:
     """Learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
     """Training loop."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Model precision and the fp16 loss scaler."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -273,6 +276,7 @@ SECTION_TYPES: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,
     "training": TrainingConfig,
+    "precision": PrecisionConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
 }

@@ -18,6 +18,8 @@ def format_log_line(record: dict[str, Any], train_iters: int) -> str:
              f"elapsed time per iteration (ms): {record['ms_per_iteration']:.1f}"]
     parts += [f"learning rate ({branch}): {lr:.6E}" for branch, lr in record["lr"].items()]
     parts.append(f"lm loss: {record['loss']:.6E}")
+    if record.get("loss_scale", 1.0) != 1.0:
+        parts.append(f"loss scale: {record['loss_scale']:.1f}")
     if record["grad_norm"] is not None:
         parts.append(f"grad norm: {record['grad_norm']:.3f}")
     parts.append(f"tokens/s: {record['tokens_per_s']:.0f}")

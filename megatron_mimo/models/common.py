@@ -23,11 +23,21 @@ def te_available(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Training dtype of each ``--bf16`` / ``--fp16`` / default precision."""
+
+
 def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.device,
-                             **overrides) -> TransformerConfig:
-    """fp32 TransformerConfig for one branch; CPU-safe fusions off when not on a GPU."""
+                             precision: str = "fp32", **overrides) -> TransformerConfig:
+    """TransformerConfig for one branch; CPU-safe fusions off when not on a GPU.
+
+    Parameters are created in fp32 (CPU initialisation draws every shard from one fp32 master
+    weight, so any TP gives the same model); in bf16/fp16 the branch is then cast by megatron's
+    ``Float16Module``, which reads ``bf16``/``fp16`` from this config."""
     on_gpu = device.type == "cuda"
     return TransformerConfig(
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
@@ -36,8 +46,7 @@ def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.dev
         attention_dropout=shape.attention_dropout,
         tensor_model_parallel_size=tp,
         params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        # CPU init draws each sharded weight from one master weight: any TP gives the same model.
+        pipeline_dtype=TORCH_DTYPES[precision],
         use_cpu_initialization=True,
         perform_initialization=True,
         init_method_std=0.02,

@@ -68,10 +68,10 @@ def hybrid_stack_spec(device: torch.device) -> ModuleSpec:
 
 
 def mamba_hybrid_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection,
-                      device: torch.device) -> ModuleSpec:
+                      device: torch.device, precision: str = "fp32") -> ModuleSpec:
     """ModuleSpec of the Mamba-hybrid language model for ``MimoModel`` (one PP stage)."""
     config = build_transformer_config(
-        cfg, tp, device, normalization="RMSNorm",
+        cfg, tp, device, precision, normalization="RMSNorm",
         mamba_state_dim=cfg.mamba_state_dim, mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups)
     return ModuleSpec(module=MambaModel, params={

@@ -24,9 +24,9 @@ def _layer_spec(device: torch.device) -> ModuleSpec:
 
 
 def gpt_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection,
-             device: torch.device) -> ModuleSpec:
+             device: torch.device, precision: str = "fp32") -> ModuleSpec:
     """ModuleSpec of the language model for ``MimoModel`` (one PP stage)."""
-    config = build_transformer_config(cfg, tp, device)
+    config = build_transformer_config(cfg, tp, device, precision)
     return ModuleSpec(module=GPTModel, params={
         "config": config, "transformer_layer_spec": _layer_spec(device),
         "vocab_size": cfg.vocab_size, "max_sequence_length": cfg.seq_length,

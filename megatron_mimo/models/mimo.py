@@ -7,11 +7,12 @@ import logging
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.mimo import MimoModel, MimoModelConfig
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mimo.compat.mcore import apply_branch_tp_group
 from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.common import branch_init_seed
@@ -29,7 +30,8 @@ def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> d
 
     return {
         IMAGES: images_submodule_spec(cfg.images, cfg.language.hidden_size,
-                                      cfg.images_parallel.tp, pgs_or_none(IMAGES), device),
+                                      cfg.images_parallel.tp, pgs_or_none(IMAGES), device,
+                                      cfg.precision.name),
         LANGUAGE: language_spec(cfg, pgs_or_none(LANGUAGE), device),
     }
 
@@ -37,13 +39,13 @@ def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> d
 def language_spec(cfg: MimoConfig, pgs, device: torch.device) -> ModuleSpec:
     """GPT or Mamba-hybrid language model, by ``--llm-kind``."""
     build = mamba_hybrid_spec if cfg.language.kind == "mamba_hybrid" else gpt_spec
-    return build(cfg.language, cfg.language_parallel.tp, pgs, device)
+    return build(cfg.language, cfg.language_parallel.tp, pgs, device, cfg.precision.name)
 
 
-def ddp_config() -> DistributedDataParallelConfig:
-    """Per-branch DDP: fp32 grads summed over the branch's DP (the loss is per token)."""
+def ddp_config(grads_in_fp32: bool) -> DistributedDataParallelConfig:
+    """Per-branch DDP: grads summed over the branch's DP (the loss is per token)."""
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+        grad_reduce_in_fp32=grads_in_fp32, overlap_grad_reduce=False, overlap_param_gather=False,
         use_distributed_optimizer=True, average_in_collective=False, bucket_size=None,
     )
 
@@ -70,9 +72,10 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     logger.debug("%s branch: set the branch TP group on %s", branch, ", ".join(fixed) or "nothing")
     if branch == IMAGES:
         inner = model.modality_submodules[IMAGES]
-        model.modality_submodules[IMAGES] = wrap_ddp(inner, pgs, _first_config(inner))
+        model.modality_submodules[IMAGES] = wrap_branch(inner, pgs, _first_config(inner), cfg.precision)
     else:
-        model.language_model = wrap_ddp(model.language_model, pgs, model.language_model.config)
+        model.language_model = wrap_branch(model.language_model, pgs, model.language_model.config,
+                                           cfg.precision)
     return model
 
 
@@ -83,10 +86,16 @@ def _first_config(module: torch.nn.Module):
     raise ValueError(f"{type(module).__name__} holds no MegatronModule with a config")
 
 
-def wrap_ddp(module: torch.nn.Module, pgs, config) -> DistributedDataParallel:
-    """Wrap one branch module in megatron-core DDP over the branch's DP group."""
-    return DistributedDataParallel(config=config, ddp_config=ddp_config(), module=module,
-                                   pg_collection=pgs)
+def wrap_branch(module: torch.nn.Module, pgs, config, precision: PrecisionConfig
+                ) -> DistributedDataParallel:
+    """Wrap one branch module: megatron's ``Float16Module`` in bf16/fp16 (casts the weights and
+    the positional inputs of the first stage), then DDP over the branch's DP group."""
+    if precision.name != "fp32":
+        module = Float16Module(config, module)
+        # Float16Module reads the PP group from pg_collection, else from parallel_state
+        module.pg_collection = pgs
+    return DistributedDataParallel(config=config, ddp_config=ddp_config(precision.grads_in_fp32),
+                                   module=module, pg_collection=pgs)
 
 
 def branch_module(model: MimoModel, branch: str) -> DistributedDataParallel:

@@ -62,9 +62,9 @@ def _layer_spec_and_norm(device: torch.device):
 
 
 def backbone_spec(cfg: ImagesModelConfig, tp: int, pgs: ProcessGroupCollection,
-                  device: torch.device) -> ModuleSpec:
+                  device: torch.device, precision: str = "fp32") -> ModuleSpec:
     """CLIP-style ViT (no class token) or RADIO ViT (``class_token_len`` class tokens, CPE)."""
-    config = build_transformer_config(cfg, tp, device)
+    config = build_transformer_config(cfg, tp, device, precision)
     layer_spec, norm = _layer_spec_and_norm(device)
     common = {"transformer_config": config, "transformer_layer_spec": layer_spec,
               "patch_dim": cfg.patch_size, "img_h": cfg.image_size, "img_w": cfg.image_size,
@@ -84,16 +84,17 @@ def class_tokens_of(cfg: ImagesModelConfig) -> int:
 
 
 def images_submodule_spec(cfg: ImagesModelConfig, language_hidden_size: int, tp: int,
-                          pgs: ProcessGroupCollection, device: torch.device) -> ModuleSpec:
+                          pgs: ProcessGroupCollection, device: torch.device,
+                          precision: str = "fp32") -> ModuleSpec:
     """ModuleSpec of the images branch for ``MimoModel`` (encoder + 2-layer MLP projector)."""
     encoder = ModuleSpec(module=PatchTokens, params={
-        "backbone": backbone_spec(cfg, tp, pgs, device), "class_tokens": class_tokens_of(cfg),
+        "backbone": backbone_spec(cfg, tp, pgs, device, precision), "class_tokens": class_tokens_of(cfg),
         "pixel_shuffle": cfg.pixel_shuffle, "grid": cfg.grid,
         "tp_group": pgs.tp if pgs is not None else None})
     projector_config = build_transformer_config(
         TransformerSizes(num_layers=1, hidden_size=language_hidden_size,
                          num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size),
-        tp, device)
+        tp, device, precision)
     projector = ModuleSpec(module=MultimodalProjector, params={
         "config": projector_config,
         "submodules": MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),

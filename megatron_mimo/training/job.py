@@ -17,6 +17,7 @@ from megatron_mimo.data.mock import MockImageText
 from megatron_mimo.data.sampler import BranchSampler
 from megatron_mimo.distributed.runtime import Runtime
 from megatron_mimo.distributed.topology import Topology
+from megatron_mimo.models.common import TORCH_DTYPES
 from megatron_mimo.models.mimo import branch_module, build_mimo_model
 from megatron_mimo.training.optimizer import (
     BranchSchedulers,
@@ -51,6 +52,11 @@ class Job:
         return self.topology.my_branch
 
     @property
+    def dtype(self) -> torch.dtype:
+        """Training dtype of weights, activations and bridge traffic."""
+        return TORCH_DTYPES[self.cfg.precision.name]
+
+    @property
     def branch_ddp(self) -> DistributedDataParallel:
         """This rank's DDP-wrapped branch module."""
         return branch_module(self.model, self.branch)
@@ -63,11 +69,12 @@ class Job:
         return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and pgs.pp.rank() == pgs.pp.size() - 1
 
 
-def build_bridge(topology: Topology) -> BridgeCommunicator:
-    """Images -> language bridge (collective: every rank builds it). Encoder outputs are 2-D
-    ``[tokens, hidden]``, so DP fan-in/fan-out concatenates/splits along dim 0."""
+def build_bridge(topology: Topology, dtype: torch.dtype) -> BridgeCommunicator:
+    """Images -> language bridge (collective: every rank builds it), carrying activations and
+    gradients in the training dtype. Encoder outputs are 2-D ``[tokens, hidden]``, so DP
+    fan-in/fan-out concatenates/splits along dim 0."""
     return BridgeCommunicator(topology.grid(IMAGES), topology.grid(LANGUAGE),
-                              comm_dtype=torch.float32, src_module_name=IMAGES,
+                              comm_dtype=dtype, src_module_name=IMAGES,
                               dest_module_name=LANGUAGE, tensor_ndim=2)
 
 
@@ -76,9 +83,9 @@ def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     branch = topology.my_branch
     seed_rank(cfg.training.seed, branch, topology.tp_rank())
     model = build_mimo_model(cfg, topology, runtime.device)
-    optimizer = build_mimo_optimizer(cfg, model, topology)
+    optimizer = build_mimo_optimizer(cfg, model, topology, runtime.device)
     schedulers = build_schedulers(cfg, optimizer, topology)
-    bridge = build_bridge(topology)
+    bridge = build_bridge(topology, TORCH_DTYPES[cfg.precision.name])
     spec = topology.spec(branch)
     sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
     dataset = MockImageText(cfg.images, cfg.language, cfg.training.seed)

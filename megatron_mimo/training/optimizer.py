@@ -3,9 +3,11 @@
 
 megatron-core's ``get_mimo_optimizer`` gives every branch the same ``OptimizerConfig``; we build
 the per-branch optimizers ourselves (same calls) so each branch gets its own LR, then hand them
-to the stock ``MimoOptimizer``, which agrees found-inf (MAX), per-branch grad-norm^2 (MAX, then
-sum) and success (MIN) over the whole world, in the same order on every rank. Its hard-coded
-CUDA-only tensors are handled on the CPU by :mod:`megatron_mimo.compat.cpu`.
+to megatron-core's ``MimoOptimizer``, which agrees found-inf (MAX), per-branch grad-norm^2 (MAX,
+then sum) and success (MIN) over the whole world, in the same order on every rank. In bf16/fp16
+each DistributedOptimizer keeps fp32 main parameters; in fp16 every branch's loss scaler moves on
+the world's found-inf verdict (workaround ``world_agreed_loss_scaler``). Its hard-coded CUDA-only
+tensors are handled on the CPU by :mod:`megatron_mimo.compat.cpu`.
 """
 
 from __future__ import annotations
@@ -19,25 +21,55 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_mimo.compat.mcore import (
+    apply_unnested_grad_scaler,
+    defer_scaler_updates,
+    settle_scaler_updates,
+)
 from megatron_mimo.config.layout import BRANCHES
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.distributed.topology import Topology
+from megatron_mimo.models.common import TORCH_DTYPES
 from megatron_mimo.models.mimo import branch_module
 
 
 def mcore_optimizer_config(cfg: MimoConfig, branch: str) -> McoreOptimizerConfig:
-    """megatron-core OptimizerConfig of one branch (AdamW, fp32, distributed optimizer)."""
+    """megatron-core OptimizerConfig of one branch (AdamW, distributed optimizer, precision)."""
     lr, min_lr = cfg.optimizer.branch_lr(branch)
-    opt = cfg.optimizer
+    opt, precision = cfg.optimizer, cfg.precision
+    scaler = precision.scaler() if precision.fp16 else {}
     return McoreOptimizerConfig(
         optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=opt.weight_decay,
         adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-        clip_grad=opt.clip_grad, use_distributed_optimizer=True, params_dtype=torch.float32,
-        bf16=False, fp16=False,
+        clip_grad=opt.clip_grad, use_distributed_optimizer=True,
+        params_dtype=TORCH_DTYPES[precision.name], bf16=precision.bf16, fp16=precision.fp16,
+        **scaler,
     )
 
 
-def build_mimo_optimizer(cfg: MimoConfig, model: MimoModel, topology: Topology) -> MimoOptimizer:
+class MimoOptimizerWithWorkarounds(MimoOptimizer):
+    """megatron-core's ``MimoOptimizer`` with two fp16 workarounds: every branch's loss scaler
+    moves on the world's found-inf verdict (one more small all-reduce per step), and the grad
+    scaler is checkpointed as one ShardedObject, not one wrapped in another."""
+
+    def __init__(self, infos: dict[str, ModuleOptimizerInfo], config: McoreOptimizerConfig,
+                 device: torch.device) -> None:
+        super().__init__(infos, config)
+        self.device = device
+        self.deferred = defer_scaler_updates(self._active_optimizers)
+
+    def prepare_grads(self) -> bool:
+        """Unscale and check every branch's grads; settle the scalers on the world verdict."""
+        return settle_scaler_updates(super().prepare_grads(), self.deferred, self.device)
+
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        """megatron-core's per-branch sharded state, with the grad scaler unnested."""
+        return apply_unnested_grad_scaler(
+            super().sharded_state_dict(model_sharded_state_dict, is_loading, **kwargs))
+
+
+def build_mimo_optimizer(cfg: MimoConfig, model: MimoModel, topology: Topology,
+                         device: torch.device) -> MimoOptimizer:
     """One DistributedOptimizer for this rank's branch, chained with the other branch's stub."""
     infos: dict[str, ModuleOptimizerInfo] = {}
     for branch in BRANCHES:
@@ -53,7 +85,7 @@ def build_mimo_optimizer(cfg: MimoConfig, model: MimoModel, topology: Topology) 
         infos[branch] = ModuleOptimizerInfo(
             optimizer=optimizer, grid=topology.grid(branch),
             pg_collection=topology.pgs(branch) if active else None, is_active=active)
-    return MimoOptimizer(infos, mcore_optimizer_config(cfg, topology.my_branch))
+    return MimoOptimizerWithWorkarounds(infos, mcore_optimizer_config(cfg, topology.my_branch), device)
 
 
 def build_scheduler(cfg: MimoConfig, optimizer, branch: str) -> OptimizerParamScheduler:

@@ -19,6 +19,8 @@ class StepResult:
     num_tokens: int
     grad_norm: float | None
     skipped: bool
+    loss_scale: float = 1.0
+    """The loss scale after this step (fp16; 1.0 otherwise), identical on every rank."""
     phase_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -84,6 +86,7 @@ def iteration_record(state: TrainState, result: StepResult, lrs: dict[str, float
     return {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
             "loss": result.loss, "grad_norm": result.grad_norm, "lr": lrs,
             "num_tokens": result.num_tokens, "skipped": result.skipped,
+            "loss_scale": result.loss_scale,
             "skipped_iterations": state.skipped_iterations,
             "consumed_tokens": state.consumed_tokens,
             "floating_point_operations": state.floating_point_operations,

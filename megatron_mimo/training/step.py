@@ -48,10 +48,11 @@ class PhaseTimer:
 
 def _images_forward(job: Job, indices: list[int], timer: PhaseTimer,
                     forward_only: bool) -> torch.Tensor:
-    pixels = job.dataset.pixels(indices).to(job.runtime.device)
+    pixels = job.dataset.pixels(indices).to(job.runtime.device, job.dtype)
     with timer("images"), torch.set_grad_enabled(not forward_only):
         outputs, _ = job.model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
-    return outputs[IMAGES]
+    # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
+    return outputs[IMAGES].to(job.dtype)
 
 
 def _images_steps(job: Job, indices: list[list[int]], timer: PhaseTimer, forward_only: bool) -> None:
@@ -93,8 +94,8 @@ def _language_micro_step(job: Job, indices: list[int], timer: PhaseTimer,
                                   attention_mask=None, loss_mask=batch["loss_mask"],
                                   labels=batch["labels"])
         loss_sum = (token_loss.float() * batch["loss_mask"]).sum()
-        if not forward_only:
-            loss_sum.backward()
+        if not forward_only:  # fp16: the loss scale (1 otherwise); unscaled in prepare_grads
+            (loss_sum * job.optimizer.get_loss_scale().item()).backward()
     if not forward_only:
         with timer("bridge"):
             job.bridge.send_backward(image_embeddings.grad)
@@ -143,7 +144,8 @@ def train_step(job: Job, consumed_samples: int) -> StepResult:
     if success:
         job.schedulers.step()
     return StepResult(loss=total_loss / max(total_tokens, 1), num_tokens=total_tokens,
-                      grad_norm=grad_norm, skipped=not success, phase_ms=dict(timer.ms))
+                      grad_norm=grad_norm, skipped=not success,
+                      loss_scale=job.optimizer.get_loss_scale().item(), phase_ms=dict(timer.ms))
 
 
 def evaluate(job: Job) -> float:

@@ -58,7 +58,8 @@ class Trainer:
                                  jsonl=Path(log.metrics_file) if log.metrics_file else None,
                                  tensorboard_dir=log.tensorboard_dir)
         ckpt = cfg.checkpoint
-        self.checkpoints = (CheckpointManager(self.pieces(), topology, ckpt, cfg.to_dict())
+        self.checkpoints = (CheckpointManager(self.pieces(), topology, ckpt, cfg.to_dict(),
+                                              cfg.precision.name)
                             if ckpt.save or ckpt.load else None)
 
     @property

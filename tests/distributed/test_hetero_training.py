@@ -64,3 +64,14 @@ def test_found_inf_on_images_ranks_skips_everywhere(layouts):
 
 def test_parallel_state_never_initialised(layouts, hetero):
     assert all(rank["parallel_state_untouched"] for rank in layouts)
+
+
+@pytest.mark.parametrize("layout", ["images_tp1dp2_language_tp2dp1", "images_tp2dp1_language_tp1dp2"])
+def test_dry_run_parameter_count_matches_the_built_model(layouts, layout):
+    from megatron_mimo.config.memory import branch_parameters
+    from tests.workers.training_world import LAYOUTS, test_config
+
+    cfg = test_config(LAYOUTS[layout])
+    for rank in layouts:
+        got = rank[layout]
+        assert got["local_parameters"] == branch_parameters(cfg, got["branch"]), (layout, got["branch"])

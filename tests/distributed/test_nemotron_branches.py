@@ -46,3 +46,14 @@ def test_tp2_sharding_metadata_covers_every_split_tensor(world):
 def test_save_load_round_trip_is_bitwise(world):
     assert all(rank["round_trip_bitwise"] for rank in world)
     assert len({rank["eval"] for rank in world}) == 1
+
+
+def test_dry_run_parameter_count_matches_radio_and_mamba_at_tp2(world):
+    from megatron_mimo.config.cli import apply_overrides
+    from megatron_mimo.config.memory import branch_parameters
+    from megatron_mimo.config.presets import tiny_cpu_nemotron
+    from tests.workers.nemotron_world import LAYOUT
+
+    cfg = apply_overrides(tiny_cpu_nemotron(), LAYOUT)
+    for rank in world:
+        assert rank["local_parameters"] == branch_parameters(cfg, rank["branch"])

@@ -43,7 +43,7 @@ PRESET = {"nemotron_images_tp1dp2_language_tp2dp1": tiny_cpu_nemotron}
 TWO_RANKS = "images_tp1dp1_language_tp1dp1"
 UNEVEN = "images_tp1dp3_language_tp1dp1"
 EXACT_KEYS = ("iteration", "consumed_samples", "loss", "grad_norm", "lr", "num_tokens", "skipped",
-              "skipped_iterations", "consumed_tokens", "floating_point_operations")
+              "skipped_iterations", "consumed_tokens", "floating_point_operations", "loss_scale")
 """Keys of the production iteration record that a resume must reproduce bit for bit."""
 
 
@@ -83,14 +83,42 @@ class Run:
     def save(self):
         return self.trainer.save()
 
-    def step(self, inject_found_inf: bool = False) -> dict:
+    def step(self, inject_found_inf: bool = False, inject_overflow: bool = False) -> dict:
+        """One iteration; optionally a found-inf verdict, or a real inf in the gradients, on the
+        images ranks only."""
         opt = self.job.optimizer.module_infos[IMAGES].optimizer
         if inject_found_inf and opt is not None:
             opt.prepare_grads = lambda: True
+        if inject_overflow and opt is not None:
+            original = opt.prepare_grads
+
+            def poisoned():
+                next(self.job.branch_ddp.parameters()).main_grad.view(-1)[0] = float("inf")
+                return original()
+
+            opt.prepare_grads = poisoned
         record = self.trainer.step()
-        if inject_found_inf and opt is not None:
+        if (inject_found_inf or inject_overflow) and opt is not None:
             del opt.prepare_grads
         return record
+
+    def main_params(self) -> list[torch.Tensor]:
+        """This rank's shard of the optimizer's fp32 main parameters."""
+        from megatron_mimo.checkpoint.contents import inner_optimizers
+
+        out = []
+        for opt in inner_optimizers(self.job.optimizer):
+            for name in ("shard_fp32_from_float16_groups", "shard_fp32_groups"):
+                for group in getattr(opt, name, []):
+                    out += [p.detach().clone() for p in group]
+        return out
+
+    def scaler_state(self) -> list[dict]:
+        """State of this branch's loss scaler(s) (scale, growth and hysteresis trackers)."""
+        from megatron_mimo.checkpoint.contents import inner_optimizers
+
+        return [{k: float(v) for k, v in opt.grad_scaler.state_dict().items()}
+                for opt in inner_optimizers(self.job.optimizer) if opt.grad_scaler is not None]
 
     def eval_loss(self) -> float:
         """Loss on fixed held-out batches, leaving every RNG stream untouched."""
@@ -147,16 +175,18 @@ def _same_adam(a: list[dict], b: list[dict]) -> bool:
 def mode_straight_and_saved(args: dict) -> dict:
     layout, root = args["layout"], args["root"]
     extra = args.get("overrides", {})
+    overflow_at = args.get("inject_overflow_at")
     run_a = Run(make_cfg(layout, extra))
     a_records, snapshot = [], {}
     for it in range(2 * N):
-        a_records.append(exact(run_a.step()))
+        a_records.append(exact(run_a.step(inject_overflow=it + 1 == overflow_at)))
         if it + 1 == N:
             snapshot = {"rng": run_a.rng_draws(), "indices": run_a.next_indices()}
     run_a.close()
     run_b = Run(make_cfg(layout, {"checkpoint.save": root, **extra}))
-    b_records = [exact(run_b.step()) for _ in range(N)]
+    b_records = [exact(run_b.step(inject_overflow=it + 1 == overflow_at)) for it in range(N)]
     run_b.save()
+    torch.save(run_b.main_params(), Path(root) / f"main_rank{dist.get_rank()}.pt")
     import psutil
 
     helpers = [p.name() for p in psutil.Process().children(recursive=True)]
@@ -164,7 +194,7 @@ def mode_straight_and_saved(args: dict) -> dict:
     torch.save(adam, Path(root) / f"adam_rank{dist.get_rank()}.pt")
     out = {"straight": a_records, "until_save": b_records, "snapshot": snapshot, "eval_at_save": run_b.eval_loss(),
            "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch,
-           "helper_processes_after_save": helpers}
+           "helper_processes_after_save": helpers, "scaler_at_save": run_b.scaler_state()}
     run_b.close()
     return out
 
@@ -182,9 +212,27 @@ def mode_resumed(args: dict) -> dict:
         except Exception as error:  # noqa: BLE001 - the message is what the test checks
             out["foreign"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
         probe.close()
+    if args.get("finetune_root"):  # weights of a checkpoint in another precision
+        probe = Run(make_cfg(layout, {"checkpoint.load": args["finetune_root"],
+                                      "checkpoint.finetune": True, **extra}))
+        probe.load()
+        out["finetune"] = {"iteration": probe.state.iteration, "eval": probe.eval_loss()}
+        probe.close()
+    if args.get("no_load_optim_probe"):  # weights only: main params must follow the weights
+        probe = Run(make_cfg(layout, {"checkpoint.load": root, "checkpoint.no_load_optim": True,
+                                      **extra}))
+        probe.load()
+        out["no_load_optim"] = [exact(probe.step()) for _ in range(2)]
+        probe.close()
     run = Run(make_cfg(layout, {"checkpoint.load": root, **extra}))
     run.load()
     saved_adam = torch.load(Path(root) / f"adam_rank{dist.get_rank()}.pt")
+    saved_main = torch.load(Path(root) / f"main_rank{dist.get_rank()}.pt")
+    out["main_params_equal"] = len(saved_main) > 0 and all(
+        torch.equal(a, b) for a, b in zip(saved_main, run.main_params(), strict=True))
+    out["main_param_dtypes"] = sorted({str(p.dtype) for p in saved_main})
+    out["model_dtypes"] = sorted({str(p.dtype) for p in run.job.branch_ddp.parameters()})
+    out["scaler_after_load"] = run.scaler_state()
     out.update({
         "iteration": run.state.iteration, "consumed_samples": run.state.consumed_samples,
         "rng": run.rng_draws(), "indices": run.next_indices(), "eval_after_load": run.eval_loss(),

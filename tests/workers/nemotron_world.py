@@ -56,7 +56,8 @@ def body(args: dict[str, Any]) -> dict[str, Any]:
     out = {"branch": again.job.branch, "losses": losses, "grads_seen": grads_seen,
            "report": {k: v for k, v in report.items() if k != "main_shards"},
            "main_shards_by_rank": gathered, "round_trip_bitwise": same,
-           "num_params": len(saved), "eval": again.eval_loss()}
+           "num_params": len(saved), "eval": again.eval_loss(),
+           "local_parameters": sum(p.numel() for p in again.job.branch_ddp.parameters())}
     again.close()
     return out
 

@@ -21,6 +21,12 @@ from megatron_mimo.distributed.runtime import model_parallel_state_is_untouched
 from tests.workers.common import worker_main
 
 ITERS = 6
+LAYOUTS = {
+    "images_tp1dp2_language_tp2dp1": {},
+    "images_tp2dp1_language_tp1dp2": {"images_parallel.tp": 2, "images_parallel.dp": 1,
+                                      "language_parallel.tp": 1, "language_parallel.dp": 2,
+                                      "training.micro_batch_size": 1},
+}
 
 
 def test_config(overrides: dict[str, Any]) -> MimoConfig:
@@ -51,7 +57,8 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
                 not torch.equal(b, p) for b, p in zip(before, ddp.parameters(), strict=True))
             record.update(lr_before=lr_before, sched_steps=trainer.job.schedulers.num_steps)
             records.append(record)
-        return {"branch": trainer.branch, "records": records}
+        return {"branch": trainer.branch, "records": records,
+                "local_parameters": sum(p.numel() for p in ddp.parameters())}
 
 
 def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
@@ -125,13 +132,7 @@ def body(args: dict[str, Any]) -> Any:
         cfg = test_config({"images_parallel.dp": 1, "language_parallel.offset": 1,
                            "language_parallel.tp": 1})
         return run_job(cfg, ITERS)
-    layouts = {
-        "images_tp1dp2_language_tp2dp1": {},
-        "images_tp2dp1_language_tp1dp2": {"images_parallel.tp": 2, "images_parallel.dp": 1,
-                                          "language_parallel.tp": 1, "language_parallel.dp": 2,
-                                          "training.micro_batch_size": 1},
-    }
-    out = {name: run_job(test_config(over), ITERS) for name, over in layouts.items()}
+    out = {name: run_job(test_config(over), ITERS) for name, over in LAYOUTS.items()}
     out["found_inf"] = run_job(test_config({}), 3, inject_found_inf_at=2)
     out["parallel_state_untouched"] = model_parallel_state_is_untouched()
     out["world_rank"] = dist.get_rank()

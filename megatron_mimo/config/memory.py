@@ -1,0 +1,128 @@
+"""What fits before launch: parameters per rank of each branch and the bytes of weights,
+gradients, fp32 main parameters and Adam moments in the chosen precision (pure arithmetic on the
+config; megatron-core's local layer specs, TP-sharded as megatron-core shards them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.schema import MimoConfig
+
+MAMBA_CONV_KERNEL = 4
+"""megatron-core's Mamba ``d_conv``."""
+
+
+def _norm(hidden: int, bias: bool) -> int:
+    return hidden * (2 if bias else 1)
+
+
+def _attention(hidden: int, tp: int, bias: bool) -> int:
+    """Input norm (``bias``: LayerNorm, else RMSNorm), QKV (column-parallel, bias split) and
+    output projection (row-parallel, bias replicated)."""
+    return (_norm(hidden, bias) + 3 * hidden * hidden // tp + 3 * hidden // tp
+            + hidden * hidden // tp + hidden)
+
+
+def _mlp(hidden: int, ffn: int, tp: int, input_size: int | None = None) -> int:
+    """fc1 (column-parallel, bias split) and fc2 (row-parallel, bias replicated)."""
+    inputs = hidden if input_size is None else input_size
+    return ffn * inputs // tp + ffn // tp + hidden * ffn // tp + hidden
+
+
+def _transformer_layer(hidden: int, ffn: int, tp: int) -> int:
+    return _attention(hidden, tp, bias=True) + _norm(hidden, True) + _mlp(hidden, ffn, tp)
+
+
+def _mamba_layer(cfg: LanguageModelConfig, tp: int) -> int:
+    hidden, groups_state = cfg.hidden_size, 2 * cfg.mamba_num_groups * cfg.mamba_state_dim
+    inner, heads = 2 * hidden, cfg.mamba_num_heads
+    conv_channels = (inner + groups_state) // tp
+    return (hidden  # the layer's norm
+            + (2 * inner + groups_state + heads) // tp * hidden  # in_proj
+            + conv_channels * (MAMBA_CONV_KERNEL + 1)  # conv1d weight and bias
+            + 3 * heads // tp  # dt_bias, A_log, D
+            + inner // tp  # gated norm
+            + hidden * inner // tp)  # out_proj
+
+
+def language_parameters(cfg: LanguageModelConfig, tp: int) -> int:
+    """Parameters on one rank of the language branch (GPT or Mamba hybrid) at ``tp``."""
+    hidden = cfg.hidden_size
+    total = 2 * cfg.vocab_size // tp * hidden  # word embeddings and the (untied) output layer
+    if cfg.kind == "gpt":
+        return total + cfg.num_layers * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
+            + _norm(hidden, True)
+    for symbol in cfg.hybrid_pattern:
+        if symbol == "M":
+            total += _mamba_layer(cfg, tp)
+        elif symbol == "*":
+            total += _attention(hidden, tp, bias=False)  # RMSNorm: weight only
+        else:
+            total += hidden + _mlp(hidden, cfg.ffn_hidden_size, tp)  # RMSNorm + MLP
+    return total + hidden  # final RMSNorm
+
+
+def images_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) -> int:
+    """Parameters on one rank of the images branch (ViT or RADIO + MLP projector) at ``tp``."""
+    hidden, patch = cfg.hidden_size, cfg.patch_size
+    layers = cfg.num_layers * _transformer_layer(hidden, cfg.ffn_hidden_size, tp)
+    if cfg.kind == "radio":
+        positions = (2 * cfg.image_size // patch) ** 2  # RADIO's position grid covers 2x the image
+        # RADIO's patch embedder is a column-parallel linear (no bias): split over TP
+        stem = cfg.class_token_len * hidden + positions * hidden + 3 * patch * patch * hidden // tp
+    else:
+        stem = _norm(hidden, True) + 3 * patch * patch * hidden + cfg.grid ** 2 * hidden
+    projector = _mlp(language_hidden, cfg.ffn_hidden_size, tp, cfg.projector_input_size)
+    return stem + layers + projector
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Per-rank parameters and bytes of one branch (every rank of a branch holds the same)."""
+
+    branch: str
+    parameters: int
+    weights: int
+    grads: int
+    main_params: int
+    adam: int
+
+    @property
+    def total(self) -> int:
+        """Bytes of model and optimizer state (activations not included)."""
+        return self.weights + self.grads + self.main_params + self.adam
+
+
+def branch_parameters(cfg: MimoConfig, branch: str) -> int:
+    """Parameters on one rank of ``branch``."""
+    tp = cfg.parallel(branch).tp
+    if branch == IMAGES:
+        return images_parameters(cfg.images, cfg.language.hidden_size, tp)
+    return language_parameters(cfg.language, tp)
+
+
+def rank_memory(cfg: MimoConfig, branch: str) -> RankMemory:
+    """Memory of one rank of ``branch``: 16-bit training keeps fp32 main params; the distributed
+    optimizer shards main params and Adam moments over the branch's DP ranks."""
+    params, dp = branch_parameters(cfg, branch), cfg.parallel(branch).dp
+    precision = cfg.precision
+    weight_bytes = 4 if precision.name == "fp32" else 2
+    grad_bytes = 4 if precision.grads_in_fp32 else 2
+    main = 4 * params // dp if precision.name != "fp32" else 0
+    return RankMemory(branch, params, params * weight_bytes, params * grad_bytes, main,
+                      8 * params // dp)
+
+
+def format_memory(cfg: MimoConfig) -> str:
+    """Dry-run lines: parameters and GiB per rank of each branch."""
+    gib = float(1 << 30)
+    lines = [f"  memory per rank ({cfg.precision.name}, model and optimizer state, no activations):"]
+    for branch in (IMAGES, LANGUAGE):
+        m = rank_memory(cfg, branch)
+        lines.append(
+            f"    {branch}: {m.parameters:,} parameters; weights {m.weights / gib:.2f} GiB, grads "
+            f"{m.grads / gib:.2f} GiB, fp32 main params {m.main_params / gib:.2f} GiB, Adam "
+            f"{m.adam / gib:.2f} GiB, total {m.total / gib:.2f} GiB")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Mixed precision: bf16 and fp16 train with fp32 main parameters and resume bit for bit (loss,
+grad norm, both LRs, loss scale); the fp16 loss scaler moves on the world's found-inf verdict;
+checkpoint keys do not depend on the precision."""
+
+import pytest
+from torch.distributed.checkpoint import FileSystemReader
+
+from tests.harness import run_world
+from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
+
+pytestmark = pytest.mark.dist
+
+WORKER = "tests.workers.ckpt_world"
+A = "images_tp1dp2_language_tp2dp1"
+BF16 = {"precision.bf16": True}
+FP16 = {"precision.fp16": True, "precision.initial_loss_scale": 256.0, "precision.hysteresis": 1,
+        "precision.loss_scale_window": 2}
+OVERFLOW_AT = 2  # inside warmup, before the save at iteration N
+CASES = {  # name: (layout, ranks, overrides)
+    "fp32_two_ranks": (TWO_RANKS, 2, {}),
+    "bf16_two_ranks": (TWO_RANKS, 2, BF16),
+    "bf16_four_ranks": (A, 4, BF16),
+    "fp16_two_ranks": (TWO_RANKS, 2, FP16),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("precision")
+
+
+@pytest.fixture(scope="module")
+def saved(root):
+    return {name: run_world(WORKER, ranks, {
+        "mode": "straight_and_saved", "layout": layout, "root": str(root / name),
+        "overrides": overrides,
+        "inject_overflow_at": OVERFLOW_AT if name.startswith("fp16") else None}, timeout=300)
+        for name, (layout, ranks, overrides) in CASES.items()}
+
+
+@pytest.fixture(scope="module")
+def resumed(root, saved):
+    # the bf16 two-rank run first tries to resume the fp32 checkpoint (refused: another
+    # precision's optimizer state), then loads its weights with --finetune
+    fp32 = str(root / "fp32_two_ranks")
+    extra = {"bf16_two_ranks": {"foreign_root": fp32, "finetune_root": fp32,
+                                "no_load_optim_probe": True}}
+    return {name: run_world(WORKER, ranks, {
+        "mode": "resumed", "layout": layout, "root": str(root / name), "overrides": overrides,
+        **extra.get(name, {})}, timeout=300)
+        for name, (layout, ranks, overrides) in CASES.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resumed_run_equals_straight_run_bitwise(saved, resumed, case):
+    for rank_saved, rank_resumed in zip(saved[case], resumed[case], strict=True):
+        straight, again = rank_saved["straight"][N:], rank_resumed["records"]
+        for want, got in zip(straight, again, strict=True):
+            for key in EXACT_KEYS:
+                assert got[key] == want[key], (case, got["iteration"], key, got[key], want[key])
+        assert rank_saved["until_save"] == rank_saved["straight"][:N]
+        assert rank_saved["straight"][N - 1]["lr"]["language"] < max(
+            r["lr"]["language"] for r in rank_saved["straight"])  # the save is inside warmup
+
+
+@pytest.mark.parametrize("case", ["bf16_two_ranks", "bf16_four_ranks", "fp16_two_ranks"])
+def test_fp32_main_params_after_load_equal_the_saved_ones_bitwise(resumed, case):
+    for rank in resumed[case]:
+        assert rank["main_params_equal"]  # never re-derived from the 16-bit weights
+        assert rank["main_param_dtypes"] == ["torch.float32"]
+        assert rank["model_dtypes"] == ["torch.float16" if case.startswith("fp16") else "torch.bfloat16"]
+
+
+def test_bf16_follows_fp32_and_learns(saved):
+    fp32 = [r["loss"] for r in saved["fp32_two_ranks"][0]["straight"]]
+    bf16 = [r["loss"] for r in saved["bf16_two_ranks"][0]["straight"]]
+    assert bf16[-1] < bf16[0]
+    for a, b in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, rel=5e-3)  # bf16 keeps ~3 significant digits
+
+
+def test_fp16_overflow_on_images_ranks_only_skips_everywhere(saved):
+    ranks = saved["fp16_two_ranks"]
+    assert ranks[0]["straight"] == ranks[1]["straight"]  # images and language ranks agree
+    before, hit = ranks[0]["straight"][OVERFLOW_AT - 2], ranks[0]["straight"][OVERFLOW_AT - 1]
+    assert hit["skipped"] and hit["skipped_iterations"] == 1 and hit["grad_norm"] is None
+    assert hit["loss_scale"] == before["loss_scale"] / 2  # hysteresis 1: halves at once
+    assert hit["lr"] == before["lr"]  # no scheduler advanced
+    scalers = [rank["scaler_at_save"] for rank in ranks]
+    assert scalers[0] == scalers[1] and len(scalers[0]) == 1  # both branches' scalers agree
+
+
+def test_grad_scaler_round_trips_on_every_rank(saved, resumed):
+    for rank_saved, rank_resumed in zip(saved["fp16_two_ranks"], resumed["fp16_two_ranks"],
+                                        strict=True):
+        assert rank_resumed["branch"] in ("images", "language")
+        assert rank_resumed["scaler_after_load"] == rank_saved["scaler_at_save"]
+        state = rank_resumed["scaler_after_load"][0]
+        assert state["growth_tracker"] == 1  # saved in the middle of a growth window
+
+
+def test_resume_in_another_precision_needs_finetune(saved, resumed):
+    for rank in resumed["bf16_two_ranks"]:
+        assert not rank["foreign"]["ok"]
+        assert "trained in fp32 and this run trains in bf16" in rank["foreign"]["error"]
+        assert "--finetune" in rank["foreign"]["error"]
+        assert rank["finetune"]["iteration"] == 0
+    fp32_eval = saved["fp32_two_ranks"][0]["eval_at_save"]
+    assert resumed["bf16_two_ranks"][0]["finetune"]["eval"] == pytest.approx(fp32_eval, rel=1e-2)
+
+
+def test_no_load_optim_rederives_main_params_from_the_loaded_weights(saved, resumed):
+    for rank_saved, rank_resumed in zip(saved["bf16_two_ranks"], resumed["bf16_two_ranks"],
+                                        strict=True):
+        first, second = rank_resumed["no_load_optim"]
+        straight = rank_saved["straight"]
+        assert first["loss"] == straight[N]["loss"]  # the loaded weights, before any update
+        # one step with fresh Adam moments from the loaded weights: close to the straight run,
+        # far from the initial weights' loss (what stale main params would bring back)
+        assert second["loss"] == pytest.approx(straight[N + 1]["loss"], rel=2e-2)
+        assert abs(second["loss"] - straight[0]["loss"]) > 0.1
+
+
+def _model_keys(directory):
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    return {k for k in metadata.state_dict_metadata
+            if k.startswith(("language_model.", "modality_submodules."))}
+
+
+def test_model_keys_are_the_same_in_every_precision(root, saved):
+    iteration = f"iter_{N:07d}"
+    keys = {name: _model_keys(root / name / iteration) for name in CASES if "two_ranks" in name}
+    assert keys["fp32_two_ranks"] and len(set(map(frozenset, keys.values()))) == 1
+    assert not any(".module." in key for key in keys["bf16_two_ranks"])
