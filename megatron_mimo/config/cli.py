@@ -185,5 +185,10 @@ def format_layout(cfg: MimoConfig) -> str:
                      f"per DP rank per micro-step")
     lines.append(f"  global batch {cfg.training.global_batch_size} = {cfg.num_microbatches} "
                  f"micro-step(s) x {cfg.job_micro_batch} samples")
+    pp = cfg.language_parallel.pp
+    if pp > 1:
+        lines.append(f"  language pipeline: {pp} stages x {cfg.language.num_layers // pp} "
+                     f"layer(s) (embedding on stage 0, output layer and loss on stage {pp - 1}), "
+                     f"megatron-core 1F1B schedule over {cfg.num_microbatches} micro-batches")
     lines.append(format_memory(cfg))
     return "\n".join(lines)

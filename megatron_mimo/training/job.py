@@ -10,6 +10,10 @@ from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.mimo import MimoModel
 from megatron.core.models.mimo.optimizer import MimoOptimizer
 from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+from megatron.core.pipeline_parallel.multimodule_communicator import (
+    MultiModulePipelineCommunicator,
+)
+from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
 
 from megatron_mimo.config.layout import IMAGES, LANGUAGE
 from megatron_mimo.config.schema import MimoConfig
@@ -24,6 +28,7 @@ from megatron_mimo.training.optimizer import (
     build_mimo_optimizer,
     build_schedulers,
 )
+from megatron_mimo.training.pipeline import build_pipeline_communicator, schedule_process_groups
 from megatron_mimo.training.seeding import seed_rank
 
 logger = logging.getLogger(__name__)
@@ -39,12 +44,17 @@ class Job:
     model: MimoModel
     optimizer: MimoOptimizer
     schedulers: BranchSchedulers
-    bridge: BridgeCommunicator
+    bridge: BridgeCommunicator | None
+    """Images -> language bridge of the one-stage step; None with language PP > 1."""
     dataset: MockImageText
     sampler: BranchSampler
     num_parameters: int = 0
     """Parameters of both branches (world-wide, TP shards added up once per branch); set by
     :func:`build_job`."""
+    pipeline: MultiModulePipelineCommunicator | None = None
+    """megatron-core's bridge + P2P communicator for the 1F1B schedule (language PP > 1)."""
+    schedule_pgs: MultiModuleProcessGroupCollection | None = None
+    """This rank's groups as the multi-module schedule takes them (language PP > 1)."""
 
     @property
     def branch(self) -> str:
@@ -66,7 +76,17 @@ class Job:
         if self.branch != LANGUAGE:
             return False
         pgs = self.topology.pgs()
-        return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and pgs.pp.rank() == pgs.pp.size() - 1
+        return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and self.is_last_stage()
+
+    def is_last_stage(self) -> bool:
+        """Whether this rank is on its branch's last pipeline stage (images: always)."""
+        pp = self.topology.pgs().pp
+        return pp.rank() == pp.size() - 1
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether steps run megatron-core's multi-module 1F1B schedule (language PP > 1)."""
+        return self.pipeline is not None
 
 
 def build_bridge(topology: Topology, dtype: torch.dtype) -> BridgeCommunicator:
@@ -85,11 +105,15 @@ def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     model = build_mimo_model(cfg, topology, runtime.device)
     optimizer = build_mimo_optimizer(cfg, model, topology, runtime.device)
     schedulers = build_schedulers(cfg, optimizer, topology)
-    bridge = build_bridge(topology, TORCH_DTYPES[cfg.precision.name])
+    pipelined = cfg.language_parallel.pp > 1
+    bridge = None if pipelined else build_bridge(topology, TORCH_DTYPES[cfg.precision.name])
     spec = topology.spec(branch)
     sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
     dataset = MockImageText(cfg.images, cfg.language, cfg.training.seed)
     job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)
+    if pipelined:
+        job.pipeline = build_pipeline_communicator(topology, model)
+        job.schedule_pgs = schedule_process_groups(topology)
     job.num_parameters = count_parameters(job)
     return job
 
@@ -104,6 +128,8 @@ def count_parameters(job: Job) -> int:
 
 def destroy_job(job: Job) -> None:
     """Release the job's process groups (bridge caches, branch grids); call on every rank."""
-    job.bridge.destroy_broadcast_pgs()
-    job.bridge.destroy_bridge_pgs()
+    bridges = [job.bridge] if job.bridge is not None else job.pipeline.bridge_comms
+    for bridge in bridges:
+        bridge.destroy_broadcast_pgs()
+        bridge.destroy_bridge_pgs()
     job.topology.destroy()

@@ -26,6 +26,7 @@ from megatron_mimo.config.layout import IMAGES, LANGUAGE
 from megatron_mimo.data.mock import EVAL_INDEX_BASE
 from megatron_mimo.models.vision import images_inputs
 from megatron_mimo.training.job import Job
+from megatron_mimo.training.pipeline import pipeline_forward_backward
 from megatron_mimo.training.state import StepResult
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,14 @@ def _language_micro_step(job: Job, indices: list[int], timer: PhaseTimer,
 
 def forward_backward(job: Job, consumed_samples: int, timer: PhaseTimer, forward_only: bool = False,
                      index_base: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every micro-step of one global batch; return this rank's (loss sum, token count)."""
+    """Run every micro-step of one global batch; return this rank's (loss sum, token count).
+    With language PP > 1 megatron-core's 1F1B schedule runs them (:mod:`.pipeline`)."""
     loss_sum = torch.zeros((), device=job.runtime.device)
     tokens = torch.zeros((), device=job.runtime.device)
     indices = [job.sampler.indices(consumed_samples, micro_step, base=index_base)
                for micro_step in range(job.cfg.num_microbatches)]
+    if job.pipelined:
+        return pipeline_forward_backward(job, indices, timer, forward_only)
     if job.branch == IMAGES:
         _images_steps(job, indices, timer, forward_only)
         return loss_sum, tokens
@@ -120,8 +124,9 @@ def forward_backward(job: Job, consumed_samples: int, timer: PhaseTimer, forward
 
 
 def world_loss_and_tokens(job: Job, loss_sum: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
-    """Sum (loss, tokens) over the world, counting each language DP replica once."""
-    counts = job.branch == LANGUAGE and job.topology.tp_rank() == 0
+    """Sum (loss, tokens) over the world, counting each language DP replica once (its TP rank 0
+    of the last pipeline stage, where the loss is)."""
+    counts = job.branch == LANGUAGE and job.topology.tp_rank() == 0 and job.is_last_stage()
     totals = torch.stack([loss_sum, tokens]) if counts else torch.zeros(2, device=job.runtime.device)
     dist.all_reduce(totals)
     return totals[0].item(), int(totals[1].item())

@@ -75,3 +75,39 @@ def test_dry_run_parameter_count_matches_the_built_model(layouts, layout):
     for rank in layouts:
         got = rank[layout]
         assert got["local_parameters"] == branch_parameters(cfg, got["branch"]), (layout, got["branch"])
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return run_world("tests.workers.training_world", 4, {"mode": "pipeline"}, timeout=400)
+
+
+def test_language_pp2_matches_single_rank_reference(pipeline, reference):
+    """megatron-core's 1F1B schedule, language over 2 stages, 4 micro-batches (2 per stage)."""
+    assert [r["pipeline"]["branch"] for r in pipeline] == ["images", "images", "language", "language"]
+    for rank in pipeline:
+        records = rank["pipeline"]["records"]
+        for step, (got, want) in enumerate(zip(records, reference, strict=True)):
+            assert _rel(got["loss"], want["loss"]) < 1e-6, (rank["world_rank"], step, got, want)
+            assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (step, got, want)
+            assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+            assert not got["skipped"]
+        assert all(r["params_changed"] for r in records[1:])  # every stage and the encoder learn
+
+
+def test_found_inf_on_last_language_stage_only_skips_everywhere(pipeline):
+    for rank in pipeline:
+        first, injected, after = rank["found_inf"]["records"]
+        assert injected["skipped"], f"rank {rank['world_rank']} did not skip"
+        assert not injected["params_changed"] and injected["lr"] == injected["lr_before"]
+        assert not first["skipped"] and not after["skipped"] and after["params_changed"]
+
+
+def test_dry_run_parameter_count_matches_each_pipeline_stage(pipeline):
+    from megatron_mimo.config.memory import branch_parameters
+    from tests.workers.training_world import PIPELINE, test_config
+
+    cfg = test_config(PIPELINE)
+    for rank in pipeline:
+        got = rank["pipeline"]
+        assert got["local_parameters"] == branch_parameters(cfg, got["branch"], got["stage"]), got["stage"]

@@ -38,6 +38,8 @@ LAYOUTS = {
         "images_parallel.dp": 3, "language_parallel.tp": 1, "language_parallel.offset": 3,
         "training.micro_batch_size": 3, "training.global_batch_size": 6},
     "nemotron_images_tp1dp2_language_tp2dp1": {},  # RADIO + Mamba hybrid
+    "images_tp1dp2_language_pp2": {  # language over 2 pipeline stages, 4 micro-batches
+        "language_parallel.tp": 1, "language_parallel.pp": 2},
 }
 PRESET = {"nemotron_images_tp1dp2_language_tp2dp1": tiny_cpu_nemotron}
 TWO_RANKS = "images_tp1dp1_language_tp1dp1"
@@ -203,14 +205,17 @@ def mode_resumed(args: dict) -> dict:
     layout, root = args["layout"], args["root"]
     extra = args.get("overrides", {})
     out: dict[str, Any] = {}
-    if args.get("foreign_root"):  # a checkpoint saved under another layout
-        probe = Run(make_cfg(layout, {"checkpoint.load": args["foreign_root"], **extra}))
+    foreign = dict(args.get("foreign_roots") or {})
+    if args.get("foreign_root"):
+        foreign["foreign"] = args["foreign_root"]
+    for name, foreign_root in foreign.items():  # checkpoints saved under another layout
+        probe = Run(make_cfg(layout, {"checkpoint.load": foreign_root, **extra}))
         try:
             probe.load()
-            out["foreign"] = {"ok": True, "iteration": probe.state.iteration,
-                              "eval": probe.eval_loss()}
+            out[name] = {"ok": True, "iteration": probe.state.iteration,
+                         "eval": probe.eval_loss()}
         except Exception as error:  # noqa: BLE001 - the message is what the test checks
-            out["foreign"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+            out[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
         probe.close()
     if args.get("finetune_root"):  # weights of a checkpoint in another precision
         probe = Run(make_cfg(layout, {"checkpoint.load": args["finetune_root"],

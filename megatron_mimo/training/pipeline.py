@@ -1,0 +1,150 @@
+"""Forward/backward of one global batch through megatron-core's multi-module 1F1B schedule.
+
+Used when the language branch has more than one pipeline stage (``--llm-pp N``). The images
+ranks are the first module of the pipeline, the language stages follow; megatron-core's
+``MultiModulePipelineCommunicator`` moves activations and gradients over the bridge (images ->
+language stage 0) and point-to-point between language stages, and its
+``forward_backward_pipelining_without_interleaving`` (given a
+``MultiModuleProcessGroupCollection``) runs warmup / 1F1B / cooldown on every rank. This module
+only provides what the schedule asks of a user: the communicator, the per-rank data iterator,
+the forward step and the loss function (per-token sum, as the hand-written step computes it).
+
+Everything after the schedule (grad sync, global token count, optimizer) is the same code as
+for one stage (:mod:`megatron_mimo.training.step`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from megatron.core.models.mimo import MimoModel
+from megatron.core.models.mimo.config.role import MIMO_LANGUAGE_MODULE_KEY
+from megatron.core.pipeline_parallel.multimodule_communicator import (
+    MultiModulePipelineCommunicator,
+)
+from megatron.core.pipeline_parallel.schedules import (
+    forward_backward_pipelining_without_interleaving,
+)
+from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
+
+from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.distributed.topology import Topology
+from megatron_mimo.models.vision import images_inputs
+
+if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages by this key
+    raise ImportError(f"megatron-core names the language module {MIMO_LANGUAGE_MODULE_KEY!r}, "
+                      f"this package {LANGUAGE!r}")
+
+PIPELINE_TOPOLOGY = {IMAGES: [LANGUAGE], LANGUAGE: []}
+"""Module DAG of the pipeline: images feed the first language stage."""
+
+COMM_METHODS = ("recv_forward", "send_forward", "send_forward_recv_backward",
+                "send_backward_recv_forward", "recv_backward", "send_backward")
+"""Communicator calls the schedule makes (timed as ``pipeline_comm``: transfer and bubble)."""
+
+
+def build_pipeline_communicator(topology: Topology, model: MimoModel
+                                ) -> MultiModulePipelineCommunicator:
+    """Bridge images -> language stage 0 plus P2P between language stages (collective: every
+    rank builds it). Language activations are ``[s, b, h]``; the encoder output is 2-D
+    ``[tokens, h]`` (without ``module_output_ndim`` gloo aborts on a shape-buffer mismatch)."""
+    return MultiModulePipelineCommunicator(
+        {name: topology.grid(name) for name in (IMAGES, LANGUAGE)}, PIPELINE_TOPOLOGY,
+        model.config, dim_mapping={"s": 0, "b": 1, "h": 2}, module_output_ndim={IMAGES: 2})
+
+
+def schedule_process_groups(topology: Topology) -> MultiModuleProcessGroupCollection:
+    """This rank's branch groups in the form the multi-module schedule takes."""
+    branch = topology.my_branch
+    return MultiModuleProcessGroupCollection(
+        module_pgs={branch: topology.pgs()},
+        language_model_module_name=LANGUAGE if branch == LANGUAGE else None)
+
+
+def _per_token_loss(loss_mask: torch.Tensor, loss_scale: float, token_loss: torch.Tensor):
+    """Loss function of the last stage: (sum to backprop, token count, unscaled sum + count).
+    The schedule divides nothing (``calculate_per_token_loss``); the world token count divides
+    the gradients after the grad sync, as in the one-stage step."""
+    loss_sum = (token_loss.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum()
+    return (loss_sum * loss_scale, num_tokens.int(),
+            {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach().float()})
+
+
+def make_forward_step(job, forward_only: bool, timer) -> Callable:
+    """The ``forward_step_func`` of this rank: images ranks encode pixels; language stages run
+    their layers (stage 0 merges the received image embeddings, the last stage the loss)."""
+    device, dtype = job.runtime.device, job.dtype
+
+    def images_step(indices: list[int], model):
+        pixels = job.dataset.pixels(indices).to(device, dtype)
+        outputs, _ = model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
+        # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
+        return {IMAGES: outputs[IMAGES].to(dtype)}, None
+
+    def language_step(indices: list[int], model):
+        batch = {k: v.to(device) for k, v in job.dataset.tokens(indices).items()}
+        output, loss_mask = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                  attention_mask=None, loss_mask=batch["loss_mask"],
+                                  labels=batch["labels"])
+        scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
+        return output, partial(_per_token_loss, loss_mask, scale)
+
+    step = images_step if job.branch == IMAGES else language_step
+
+    def forward_step(data_iterator: Iterator[list[int]], model):
+        start = time.perf_counter()
+        with torch.set_grad_enabled(not forward_only):
+            result = step(next(data_iterator), model)
+        timer.ms["forward"] += (time.perf_counter() - start) * 1e3
+        return result
+
+    return forward_step
+
+
+def _timed_communicator(communicator: MultiModulePipelineCommunicator, timer):
+    """Route the communicator's calls through ``timer('pipeline_comm')`` for this schedule run
+    (instance attributes shadow the methods; removed again by :func:`_untime`)."""
+    for name in COMM_METHODS:
+        method = getattr(type(communicator), name).__get__(communicator)
+
+        def timed(*args, _method=method, **kwargs):
+            with timer("pipeline_comm"):
+                return _method(*args, **kwargs)
+
+        setattr(communicator, name, timed)
+    return communicator
+
+
+def _untime(communicator: MultiModulePipelineCommunicator) -> None:
+    for name in COMM_METHODS:
+        communicator.__dict__.pop(name, None)
+
+
+def pipeline_forward_backward(job, indices: list[list[int]], timer, forward_only: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run every micro-batch of one global batch through the 1F1B schedule; return this rank's
+    (loss sum, token count) — non-zero on the last language stage only."""
+    device = job.runtime.device
+    communicator = _timed_communicator(job.pipeline, timer)
+    start = time.perf_counter()
+    try:
+        losses = forward_backward_pipelining_without_interleaving(
+            forward_step_func=make_forward_step(job, forward_only, timer),
+            data_iterator=iter(indices), model=[job.model], num_microbatches=len(indices),
+            seq_length=job.cfg.language.seq_length,
+            micro_batch_size=job.cfg.branch_micro_batch(job.branch),
+            forward_only=forward_only, p2p_communicator=communicator,
+            pg_collection=job.schedule_pgs)
+    finally:
+        _untime(communicator)
+    timer.ms["schedule"] += (time.perf_counter() - start) * 1e3
+    loss_sum = torch.zeros((), device=device)
+    tokens = torch.zeros((), device=device)
+    for item in losses:
+        loss_sum += item["loss_sum"].to(device)
+        tokens += item["num_tokens"].to(device)
+    return loss_sum, tokens
