@@ -43,7 +43,7 @@ PIPELINE_TOPOLOGY = {IMAGES: [LANGUAGE], LANGUAGE: []}
 
 COMM_METHODS = ("recv_forward", "send_forward", "send_forward_recv_backward",
                 "send_backward_recv_forward", "recv_backward", "send_backward")
-"""Communicator calls the schedule makes (timed as ``pipeline_comm``: transfer and bubble)."""
+"""Calls the schedule makes on the bridge and P2P communicators (timed: transfer and bubble)."""
 
 
 def build_pipeline_communicator(topology: Topology, model: MimoModel
@@ -105,23 +105,34 @@ def make_forward_step(job, forward_only: bool, timer) -> Callable:
     return forward_step
 
 
-def _timed_communicator(communicator: MultiModulePipelineCommunicator, timer):
-    """Route the communicator's calls through ``timer('pipeline_comm')`` for this schedule run
-    (instance attributes shadow the methods; removed again by :func:`_untime`)."""
-    for name in COMM_METHODS:
-        method = getattr(type(communicator), name).__get__(communicator)
-
-        def timed(*args, _method=method, **kwargs):
-            with timer("pipeline_comm"):
-                return _method(*args, **kwargs)
-
-        setattr(communicator, name, timed)
-    return communicator
+def _comm_parts(communicator: MultiModulePipelineCommunicator) -> list[tuple[str, object]]:
+    """(phase, object) of every bridge and P2P communicator this rank's schedule calls."""
+    parts = [("bridge", bridge) for bridge in communicator.bridge_comms]
+    parts += [("p2p", info.p2p_communicator) for info in communicator.rank_module_map.values()]
+    return parts
 
 
-def _untime(communicator: MultiModulePipelineCommunicator) -> None:
-    for name in COMM_METHODS:
-        communicator.__dict__.pop(name, None)
+def _time_comms(communicator: MultiModulePipelineCommunicator, timer) -> None:
+    """Route the bridge and P2P calls through ``timer('bridge' / 'p2p')`` for one schedule run
+    (instance attributes shadow the methods until :func:`_untime_comms`). The time includes
+    waiting for the peer, i.e. the pipeline bubble."""
+    for phase, part in _comm_parts(communicator):
+        for name in COMM_METHODS:
+            if not hasattr(type(part), name):
+                continue
+            method = getattr(type(part), name).__get__(part)
+
+            def timed(*args, _method=method, _phase=phase, **kwargs):
+                with timer(_phase):
+                    return _method(*args, **kwargs)
+
+            setattr(part, name, timed)
+
+
+def _untime_comms(communicator: MultiModulePipelineCommunicator) -> None:
+    for _, part in _comm_parts(communicator):
+        for name in COMM_METHODS:
+            part.__dict__.pop(name, None)
 
 
 def pipeline_forward_backward(job, indices: list[list[int]], timer, forward_only: bool
@@ -129,7 +140,10 @@ def pipeline_forward_backward(job, indices: list[list[int]], timer, forward_only
     """Run every micro-batch of one global batch through the 1F1B schedule; return this rank's
     (loss sum, token count) — non-zero on the last language stage only."""
     device = job.runtime.device
-    communicator = _timed_communicator(job.pipeline, timer)
+    communicator = job.pipeline
+    _time_comms(communicator, timer)
+    measured = ("forward", "bridge", "p2p")
+    before = sum(timer.ms.get(k, 0.0) for k in measured)
     start = time.perf_counter()
     try:
         losses = forward_backward_pipelining_without_interleaving(
@@ -140,8 +154,10 @@ def pipeline_forward_backward(job, indices: list[list[int]], timer, forward_only
             forward_only=forward_only, p2p_communicator=communicator,
             pg_collection=job.schedule_pgs)
     finally:
-        _untime(communicator)
-    timer.ms["schedule"] += (time.perf_counter() - start) * 1e3
+        _untime_comms(communicator)
+    # compute outside the forward steps: the backward passes (and the schedule's bookkeeping)
+    elapsed = (time.perf_counter() - start) * 1e3
+    timer.ms["backward"] += elapsed - (sum(timer.ms.get(k, 0.0) for k in measured) - before)
     loss_sum = torch.zeros((), device=device)
     tokens = torch.zeros((), device=device)
     for item in losses:

@@ -3,6 +3,7 @@
 Modes (args["mode"]):
   "straight_and_saved"  2N iterations straight; then N iterations, save, stop (same processes)
   "resumed"            fresh processes: load that checkpoint, check it, train N more
+  "probe"              only load other layouts' checkpoints (foreign_roots) and report
 Every record is the production iteration record (``Trainer.step()``).
   "flags"    load one checkpoint several times with --no-load-* / --finetune
   "features" uneven DP3 optimizer shards, constant structure with optional state, mismatches
@@ -201,13 +202,13 @@ def mode_straight_and_saved(args: dict) -> dict:
     return out
 
 
-def mode_resumed(args: dict) -> dict:
-    layout, root = args["layout"], args["root"]
-    extra = args.get("overrides", {})
+def mode_probe(args: dict) -> dict:
+    """Only the foreign probes of "resumed": load other layouts' checkpoints, report."""
+    return _probe_foreign(args["layout"], args.get("overrides", {}), args["foreign_roots"])
+
+
+def _probe_foreign(layout: str, extra: dict, foreign: dict[str, str]) -> dict:
     out: dict[str, Any] = {}
-    foreign = dict(args.get("foreign_roots") or {})
-    if args.get("foreign_root"):
-        foreign["foreign"] = args["foreign_root"]
     for name, foreign_root in foreign.items():  # checkpoints saved under another layout
         probe = Run(make_cfg(layout, {"checkpoint.load": foreign_root, **extra}))
         try:
@@ -217,6 +218,16 @@ def mode_resumed(args: dict) -> dict:
         except Exception as error:  # noqa: BLE001 - the message is what the test checks
             out[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
         probe.close()
+    return out
+
+
+def mode_resumed(args: dict) -> dict:
+    layout, root = args["layout"], args["root"]
+    extra = args.get("overrides", {})
+    foreign = dict(args.get("foreign_roots") or {})
+    if args.get("foreign_root"):
+        foreign["foreign"] = args["foreign_root"]
+    out = _probe_foreign(layout, extra, foreign)
     if args.get("finetune_root"):  # weights of a checkpoint in another precision
         probe = Run(make_cfg(layout, {"checkpoint.load": args["finetune_root"],
                                       "checkpoint.finetune": True, **extra}))
@@ -371,7 +382,7 @@ def mode_corrupt(args: dict) -> dict:
     return out
 
 
-MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed, "flags": mode_flags, "features": mode_features,
+MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed, "probe": mode_probe, "flags": mode_flags, "features": mode_features,
          "crash": mode_crash, "corrupt": mode_corrupt}
 
 
