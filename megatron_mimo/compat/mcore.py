@@ -8,7 +8,10 @@ buffers and groups ``initialize_model_parallel`` would have made.
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import queue
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,6 +35,23 @@ def _in_process_save_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async._results_queue = queue.Queue()
+
+
+@contextmanager
+def results_queue_across_fork() -> Iterator[None]:
+    """An async save on megatron-core's own strategy writes in a *forked* process that reports
+    its write results through the module's results queue; the in-process queue above would stay
+    empty in the parent ("results_queue should not be empty" at finalisation). The writer of
+    this one save gets a fork-inherited pipe queue instead (no helper process, unlike the
+    spawn-context Manager megatron-core would start)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def _memory_buffer_missing() -> bool:
@@ -169,6 +189,10 @@ MCORE_WORKAROUNDS: tuple[Workaround, ...] = (
                ("dist_checkpointing/strategies/filesystem_async.py:53-66",),
                "a torch_dist save while no write-results queue exists",
                _in_process_save_queue, _save_queue_missing),
+    Workaround("results_queue_across_fork",
+               ("dist_checkpointing/strategies/filesystem_async.py:53-66,200",
+                "dist_checkpointing/strategies/async_utils.py:277-283"),
+               "an async torch_dist save on megatron-core's strategy (writer in a forked process)"),
     Workaround("global_memory_buffer", ("transformer/dot_product_attention.py:189",),
                "attention without initialize_model_parallel", _global_memory_buffer,
                _memory_buffer_missing),
