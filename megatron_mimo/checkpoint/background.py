@@ -29,9 +29,9 @@ from megatron_mimo.checkpoint import integrity
 
 logger = logging.getLogger(__name__)
 
-FAULT_SLOW_WRITE = "MIMO_FAULT_SLOW_WRITE_S"
-"""Test hook: the background writer sleeps this many seconds before writing (a write that is
-surely still in flight when the test kills its rank)."""
+FAULT_SLOW_WRITE = "MIMO_FAULT_SLOW_WRITE"
+"""Test hook ``ITERATION:SECONDS``: the writer of that iteration's checkpoint sleeps before
+writing (a write that is surely still in flight when the test kills its rank)."""
 
 PR_SET_PDEATHSIG = 1
 
@@ -53,13 +53,18 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def write_and_hash(write: Callable[..., None], directory: str, parent_pid: int, rank: int,
-                   write_buckets: list, results_queue: Any, *args: Any, **kwargs: Any) -> None:
+def _maybe_slow_for_test(iteration: int) -> None:
+    target, _, seconds = os.environ.get(FAULT_SLOW_WRITE, "").partition(":")
+    if target == str(iteration):
+        time.sleep(float(seconds))
+
+
+def write_and_hash(write: Callable[..., None], directory: str, iteration: int, parent_pid: int,
+                   rank: int, write_buckets: list, results_queue: Any, *args: Any,
+                   **kwargs: Any) -> None:
     """megatron-core's write function, then the checksums of the files it wrote (page cache)."""
     _die_with_parent(parent_pid)
-    delay = float(os.environ.get(FAULT_SLOW_WRITE, "0"))
-    if delay:
-        time.sleep(delay)
+    _maybe_slow_for_test(iteration)
     write(rank, write_buckets, results_queue, *args, **kwargs)
     try:
         integrity.write_sidecar(Path(directory), rank, [bucket[0] for bucket in write_buckets])
@@ -67,12 +72,12 @@ def write_and_hash(write: Callable[..., None], directory: str, parent_pid: int, 
         logger.warning("could not hash the files written to %s: %s", directory, error)
 
 
-def with_checksums(request: Any, directory: Path) -> Any:
+def with_checksums(request: Any, directory: Path, iteration: int) -> Any:
     """``request`` whose write also hashes the files (nothing to do on a rank with no data)."""
     if request.async_fn is None:
         return request
     return request._replace(async_fn=partial(write_and_hash, request.async_fn, str(directory),
-                                             os.getpid()))
+                                             iteration, os.getpid()))
 
 
 class BackgroundSaves:

@@ -72,6 +72,10 @@ class CheckpointManager:
         self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
         self.background = BackgroundSaves() if ckpt.async_save else None
         self.pending_iteration: int | None = None
+        self.finished_by_wait: list[int] = []
+        """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
+        self.blocked_seconds = 0.0
+        """Time this rank spent inside save/poll/wait (the loop's stall; async: planning only)."""
         self.last_fingerprint: str | None = None
         self.last_save_seconds = self.last_load_seconds = 0.0
         self.loaded_optimizer_meta: dict[str, Any] = {}
@@ -124,6 +128,10 @@ class CheckpointManager:
         if not self.ckpt.save:
             raise CheckpointError("save() called without --save")
         self.wait()
+        with self._blocking():
+            return self._save(iteration)
+
+    def _save(self, iteration: int) -> Path:
         start = time.perf_counter()
         root = Path(self.ckpt.save)
         contents = Contents.to_save(self.ckpt)
@@ -145,7 +153,7 @@ class CheckpointManager:
                 sharded_part, str(staging), sharded_strategy=self.save_strategy,
                 validate_access_integrity=False, async_sharded_save=True,
                 async_strategy=self.background.strategy if self.background else "mcore")
-        request = with_checksums(request, staging)
+        request = with_checksums(request, staging, iteration)
         request.add_finalize_fn(partial(self._publish, iteration, common, manifest, start))
         if self.background is None:
             self._finish(iteration, request.execute_sync)
@@ -178,6 +186,7 @@ class CheckpointManager:
         common state, checksums, manifest, rename, tracker, retention (rank 0); the world agrees
         on the outcome so every rank fails the same way."""
         self._maybe_crash_for_test(iteration, written=True)
+        self._barrier("checkpoint save: shards written")
         root = Path(self.ckpt.save)
         error = None
         if dist.get_rank() == 0:
@@ -227,14 +236,25 @@ class CheckpointManager:
         """Publish the pending async save if every rank finished writing (call every iteration
         on every rank: one small all-reduce while a save is pending, nothing otherwise)."""
         if self.background is not None and self.background.pending:
-            self._finish(self.pending_iteration, self.background.poll)
+            with self._blocking():
+                self._finish(self.pending_iteration, self.background.poll)
 
     def wait(self) -> None:
         """Block until the pending async save (if any) is written and published."""
         if self.background is not None and self.background.pending:
             logger.info("waiting for the checkpoint of iteration %d to be written",
                         self.pending_iteration)
-            self._finish(self.pending_iteration, self.background.wait)
+            self.finished_by_wait.append(self.pending_iteration)
+            with self._blocking():
+                self._finish(self.pending_iteration, self.background.wait)
+
+    @contextlib.contextmanager
+    def _blocking(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.blocked_seconds += time.perf_counter() - start
 
     @staticmethod
     def _maybe_crash_for_test(iteration: int, written: bool = False) -> None:
