@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     TorchDistLoadShardedStrategy,
     TorchDistSaveShardedStrategy,
 )
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
 from megatron_mimo.checkpoint import integrity, retention, storage
 from megatron_mimo.checkpoint.background import BackgroundSaves, with_checksums
@@ -224,7 +225,7 @@ class CheckpointManager:
         except CheckpointError:
             self.pending_iteration = None
             raise
-        except Exception as failure:  # noqa: BLE001 - megatron-core's writer failures, wrapped
+        except (Exception, DcpCheckpointException) as failure:  # writer failures, wrapped
             self.pending_iteration = None
             root = Path(self.ckpt.save)
             mine = describe_write_failure(failure, root, iteration)

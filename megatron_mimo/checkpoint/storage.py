@@ -198,9 +198,13 @@ def _check_common(path: Path) -> None:
                               f"({type(error).__name__})") from None
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    """ENOSPC anywhere in the exception chain or in the wrapped writer failures of
-    torch.distributed.checkpoint's CheckpointException (which keeps only their text)."""
+def _is_disk_full(error: BaseException, root: Path) -> bool:
+    """ENOSPC anywhere in the exception chain, or a filesystem left (almost) without space:
+    megatron-core's writer keeps only the failure's class ("error: <class 'OSError'>"), and
+    torch.save reports a full disk as "enforce fail at inline_container.cc"."""
+    usage = shutil.disk_usage(root)
+    if usage.free < min(usage.total // 100, 1 << 30):
+        return True
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -219,7 +223,7 @@ def describe_write_failure(error: BaseException, root: str | Path, iteration: in
     kept = read_tracker(root) if (root / TRACKER_FILENAME).exists() else None
     after = (f"{root / TRACKER_FILENAME} still names iteration {kept}" if kept is not None
              else "no checkpoint was published")
-    if _is_disk_full(error):
+    if _is_disk_full(error, root):
         free = shutil.disk_usage(root).free
         return (f"cannot save the checkpoint of iteration {iteration} to {root}: the disk is full "
                 f"({free} bytes free); {after}; the partial {staging_dir(root, iteration).name} is "

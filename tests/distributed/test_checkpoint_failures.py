@@ -185,3 +185,32 @@ def test_kill_during_deletion_leaves_every_remaining_checkpoint_loadable(corrupt
 
     assert remove_stale(root) == [".tmp_deleting_iter_0000002"]
 
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: one checkpoint of the two-rank layout (~3.7 MB) fits, two do not."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'not root'})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_one_line_naming_the_directory_and_latest_stays(small_disk):
+    outcome = run_world(WORKER, 2, {"mode": "disk_full", "root": str(small_disk)}, timeout=200)
+    root = small_disk / "ckpt"
+    for rank in outcome:
+        for attempt in ("sync", "async"):
+            failed = rank[attempt]
+            assert failed["type"] == "CheckpointError", failed
+            assert f"to {root}: the disk is full" in failed["error"] and "\n" not in failed["error"]
+            assert "still names iteration 1" in failed["error"]
+            assert failed["tracker"] == 1
+    assert outcome[0]["sync"]["leftovers"] == [".tmp_iter_0000002"]
+    assert outcome[0]["leftovers_at_start"] == [[], []]  # the next start removed it
+    assert outcome[0]["leftovers_at_last_start"] == []
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
