@@ -36,6 +36,13 @@ def test_calls_work_with_workarounds(report):
     assert after["save_queue"]["value"] == "Queue"  # in-process, no helper process
 
 
+def test_async_save_needs_a_results_queue_across_fork(report):
+    # the in-process queue (in_process_save_queue) never sees the forked writer's results
+    without = report["async_save_without_fork_queue"]
+    assert not without["ok"] and "results_queue should" in without["error"], without
+    assert report["after"]["async_save_across_fork"] == {"ok": True, "value": ".metadata"}
+
+
 def test_every_process_workaround_applied_once(report):
     assert report["applied"] == report["all"]
     assert report["reapply"] == []
