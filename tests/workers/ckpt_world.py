@@ -167,7 +167,7 @@ def mode_straight_and_saved(args: dict) -> dict:
     out = {"straight": a_records, "until_save": b_records, "snapshot": snapshot, "eval_at_save": run_b.eval_loss(),
            "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch,
            "helper_processes_after_save": helpers,
-           "finished_by_wait": run_b.manager.finished_by_wait}
+           "finished_by_wait": list(run_b.manager.finished_by_wait)}  # before close() waits
     run_b.close()
     return out
 
