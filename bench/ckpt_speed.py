@@ -8,16 +8,13 @@ a ~3.4 GB checkpoint over 4 ranks; without it the flags/preset decide (tiny_cpu:
 In one run: our sync saves and loads vs plain ``dcp.save``/``dcp.load`` of the same local tensors
 (main replicas) vs a raw sequential write of the same bytes with fsync (the physical floor);
 an async save's stall (time the loop is blocked) vs the sync save; the checksum cost; peak RSS
-growth during a load vs a training step; a profile of one save on rank 0. Rank 0 prints JSON.
+growth during a load vs a training step; seconds per save phase on every rank. Rank 0 prints JSON.
 ``--resume-time`` (no torchrun) then launches two short torchrun jobs, fresh and resumed, and
 reports process start -> first finished iteration for each.
 """
 
-import cProfile
-import io
 import json
 import os
-import pstats
 import shutil
 import subprocess
 import sys
@@ -126,11 +123,14 @@ def plain_dcp(tensors: dict, root: Path) -> dict:
 def async_stall(trainer) -> dict:
     """One async save while training continues: the loop's blocked time and the time until the
     checkpoint is published."""
+    import psutil
+
     from megatron_mimo.checkpoint.background import BackgroundSaves
 
     manager = trainer.checkpoints
     manager.background = BackgroundSaves()
-    before = manager.blocked_seconds
+    before = manager.seconds["blocked"]
+    rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     trainer.save()
     steps = 0
@@ -140,8 +140,9 @@ def async_stall(trainer) -> dict:
         steps += 1
     published = time.perf_counter() - start
     manager.background = None
-    return {"stall_s": world_max(manager.blocked_seconds - before),
-            "published_after_s": world_max(published), "steps_during_write": steps}
+    return {"stall_s": world_max(manager.seconds["blocked"] - before),
+            "published_after_s": world_max(published), "steps_during_write": steps,
+            "rss_growth_after_publish_bytes": world_max(psutil.Process().memory_info().rss - rss)}
 
 
 def checksum_cost(trainer) -> float:
@@ -156,18 +157,43 @@ def checksum_cost(trainer) -> float:
     return timed(lambda: integrity.checksums(directory, [p.name for p in mine]))
 
 
-def profile_save(trainer) -> list[str]:
-    """Top cumulative entries of one sync save on rank 0."""
-    profiler = cProfile.Profile()
-    profiler.enable()
-    trainer.save()
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
-    return [line.strip() for line in text.getvalue().splitlines() if "}" in line or ".py" in line][:25]
+def phases(trainer, fn) -> list[dict]:
+    """Seconds per save phase of ``fn`` on every rank (the manager's own timers)."""
+    import torch.distributed as dist
+
+    manager = trainer.checkpoints
+    before = dict(manager.seconds)
+    fn()
+    mine = {k: round(v - before.get(k, 0.0), 3) for k, v in manager.seconds.items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def clear(trainer) -> None:
+    """Remove the last checkpoint (untimed) so a save is a new directory, as in training."""
+    import torch.distributed as dist
+
+    from megatron_mimo.checkpoint.storage import checkpoint_dir
+
+    if dist.get_rank() == 0:
+        shutil.rmtree(checkpoint_dir(trainer.cfg.checkpoint.save, trainer.state.iteration),
+                      ignore_errors=True)
+    dist.barrier()
+
+
+def sync_saves(trainer) -> tuple[list[float], list[dict]]:
+    times, split = [], []
+    for _ in range(REPEATS):
+        clear(trainer)
+        split.append(phases(trainer, lambda: times.append(timed(trainer.save))))
+    return times, split
 
 
 def measure(argv: list[str]) -> int:
+    from megatron_mimo.metrics.log import quiet_third_party
+
+    quiet_third_party()
     import torch.distributed as dist
 
     from megatron_mimo.config.cli import config_from_args
@@ -178,7 +204,7 @@ def measure(argv: list[str]) -> int:
     root = Path(cfg.checkpoint.save)
     with started_trainer(cfg) as trainer:
         trainer.step()
-        ours = [timed(trainer.save) for _ in range(REPEATS)]
+        ours, split = sync_saves(trainer)
         from megatron_mimo.checkpoint.manager import directory_bytes
 
         ours_bytes = directory_bytes(root / f"iter_{trainer.state.iteration:07d}")
@@ -186,19 +212,21 @@ def measure(argv: list[str]) -> int:
         load = timed(trainer.load)
         load_peak = peak_rss_growth(trainer.load)
         step_peak = peak_rss_growth(lambda: train_step(trainer.job, trainer.position.consumed_samples))
+        stall: dict = {}
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,
                                        "train_step_peak_growth_bytes": step_peak})
-        stall = async_stall(trainer)
-        profile = profile_save(trainer) if dist.get_rank() == 0 else []
+        clear(trainer)
+        async_split = phases(trainer, lambda: stall.update(async_stall(trainer)))
         plain = plain_dcp(plain_tensors(trainer), root)
         if dist.get_rank() == 0:
             print(json.dumps(report(cfg.name, ours, ours_bytes, load, checksum, stall, plain,
-                                    peaks, profile), indent=1))
+                                    peaks, {"sync_last": split[-1], "async": async_split}),
+                             indent=1))
     return 0
 
 
-def report(name, ours, ours_bytes, load, checksum, stall, plain, peaks, profile) -> dict:
+def report(name, ours, ours_bytes, load, checksum, stall, plain, peaks, split) -> dict:
     later = sum(ours[1:]) / (REPEATS - 1)
     plain_later = sum(plain["save_s"][1:]) / (REPEATS - 1)
     load_ratio = max(p["load_peak_growth_bytes"] / max(p["train_step_peak_growth_bytes"], 1)
@@ -215,7 +243,7 @@ def report(name, ours, ours_bytes, load, checksum, stall, plain, peaks, profile)
         "async": stall, "async_stall_vs_sync_save": stall["stall_s"] / later,
         "checksum_s": checksum, "checksum_vs_save": checksum / later,
         "peak_rss_growth": peaks, "load_vs_step_peak_rss_growth_max": load_ratio,
-        "profile_one_save_rank0": profile,
+        "seconds_per_phase_per_rank": split,
     }
 
 

@@ -9,6 +9,7 @@ error naming it instead of a hang.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -75,8 +76,9 @@ class CheckpointManager:
         self.pending_iteration: int | None = None
         self.finished_by_wait: list[int] = []
         """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
-        self.blocked_seconds = 0.0
-        """Time this rank spent inside save/poll/wait (the loop's stall; async: planning only)."""
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
+        inside save/poll/wait; 'state', 'plan', 'write', 'publish' split the saves."""
         self.last_fingerprint: str | None = None
         self.last_save_seconds = self.last_load_seconds = 0.0
         self.loaded_optimizer_meta: dict[str, Any] = {}
@@ -129,7 +131,7 @@ class CheckpointManager:
         if not self.ckpt.save:
             raise CheckpointError("save() called without --save")
         self.wait()
-        with self._blocking():
+        with self._timed("blocked"):
             return self._save(iteration)
 
     def _save(self, iteration: int) -> Path:
@@ -138,7 +140,8 @@ class CheckpointManager:
         contents = Contents.to_save(self.ckpt)
         self._agree("checkpoint save: iteration and optimizer sharding",
                     (iteration, contents.sharding_type))
-        sharded = sharded_state(self.pieces, self.topology, contents, saving=True)
+        with self._timed("state"):
+            sharded = sharded_state(self.pieces, self.topology, contents, saving=True)
         first_of_structure = self._track_structure(sharded)
         manifest = manifest_for(iteration, self.topology, contents, self.last_fingerprint,
                                 self.config, summary(self.pieces))
@@ -149,7 +152,7 @@ class CheckpointManager:
         self._barrier("checkpoint save: staging directory")
         staging = storage.staging_dir(root, iteration)
         sharded_part, common = save_preprocess(sharded, validate_access_integrity=first_of_structure)
-        with self._results_queue():
+        with self._results_queue(), self._timed("plan"):
             request = dist_checkpointing.save(
                 sharded_part, str(staging), sharded_strategy=self.save_strategy,
                 validate_access_integrity=False, async_sharded_save=True,
@@ -157,7 +160,8 @@ class CheckpointManager:
         request = with_checksums(request, staging, iteration)
         request.add_finalize_fn(partial(self._publish, iteration, common, manifest, start))
         if self.background is None:
-            self._finish(iteration, request.execute_sync)
+            with self._timed("write"):  # and megatron's finalisation and our publish
+                self._finish(iteration, request.execute_sync)
         else:
             self.background.start(request)
             self.pending_iteration = iteration
@@ -192,7 +196,8 @@ class CheckpointManager:
         error = None
         if dist.get_rank() == 0:
             try:
-                self._write_and_publish(root, iteration, common, manifest)
+                with self._timed("publish"):
+                    self._write_and_publish(root, iteration, common, manifest)
             except OSError as failure:
                 error = describe_write_failure(failure, root, iteration)
         errors = [e for e in self._exchange("checkpoint save: publish", error) if e]
@@ -237,7 +242,7 @@ class CheckpointManager:
         """Publish the pending async save if every rank finished writing (call every iteration
         on every rank: one small all-reduce while a save is pending, nothing otherwise)."""
         if self.background is not None and self.background.pending:
-            with self._blocking():
+            with self._timed("blocked"):
                 self._finish(self.pending_iteration, self.background.poll)
 
     def wait(self) -> None:
@@ -246,16 +251,16 @@ class CheckpointManager:
             logger.info("waiting for the checkpoint of iteration %d to be written",
                         self.pending_iteration)
             self.finished_by_wait.append(self.pending_iteration)
-            with self._blocking():
+            with self._timed("blocked"):
                 self._finish(self.pending_iteration, self.background.wait)
 
     @contextlib.contextmanager
-    def _blocking(self):
+    def _timed(self, phase: str):
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.blocked_seconds += time.perf_counter() - start
+            self.seconds[phase] += time.perf_counter() - start
 
     @staticmethod
     def _maybe_crash_for_test(iteration: int, written: bool = False) -> None:
