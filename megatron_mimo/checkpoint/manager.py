@@ -43,7 +43,11 @@ from megatron_mimo.checkpoint.contents import (
     summary,
 )
 from megatron_mimo.checkpoint.storage import describe_write_failure
-from megatron_mimo.compat.mcore import MCORE_WORKAROUNDS, results_queue_across_fork
+from megatron_mimo.compat.mcore import (
+    MCORE_WORKAROUNDS,
+    results_queue_across_fork,
+    views_saved_without_copy,
+)
 from megatron_mimo.compat.registry import apply_all
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
@@ -152,6 +156,7 @@ class CheckpointManager:
         self._barrier("checkpoint save: staging directory")
         staging = storage.staging_dir(root, iteration)
         sharded_part, common = save_preprocess(sharded, validate_access_integrity=first_of_structure)
+        views_saved_without_copy(sharded_part)
         with self._results_queue(), self._timed("plan"):
             request = dist_checkpointing.save(
                 sharded_part, str(staging), sharded_strategy=self.save_strategy,

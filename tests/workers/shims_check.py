@@ -112,6 +112,25 @@ def _async_save(across_fork: bool) -> str:
         return sorted(p.name for p in Path(directory).iterdir())[0]
 
 
+def _view_written_in_place(alias: bool) -> bool:
+    """Does megatron's writer keep a view of a bigger buffer as is (no copy in the loop)?"""
+    import tempfile
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from megatron_mimo.compat.mcore import views_saved_without_copy
+
+    buffer = torch.arange(16.0)
+    state = {"w": ShardedTensor.from_rank_offsets("w", buffer[4:12])}
+    if alias:
+        views_saved_without_copy(state)
+    with tempfile.TemporaryDirectory() as directory:
+        request = TorchDistSaveShardedStrategy().async_save(state, Path(directory), "mcore")
+        [(_, _, (_, [(_, written)]))] = request.async_fn_args[1]
+        return written.data_ptr() == buffer[4:12].data_ptr()
+
+
 def main() -> None:
     quiet_third_party()
     result_path = Path(sys.argv[2])
@@ -131,7 +150,9 @@ def main() -> None:
 
     # call-site workaround results_queue_across_fork, with every process workaround applied
     after["async_save_across_fork"] = _attempt(lambda: _async_save(across_fork=True))
-    out = {"async_save_without_fork_queue": _attempt(lambda: _async_save(across_fork=False)),
+    after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
+    out = {"view_in_place_without_alias": _attempt(lambda: _view_written_in_place(alias=False)),
+           "async_save_without_fork_queue": _attempt(lambda: _async_save(across_fork=False)),
            "before": before, "after": after, "applied": sorted(applied()),
            "all": sorted(w.name for w in ALL_WORKAROUNDS if w.apply is not None),
            "reapply": apply_process_workarounds(cpu=True),
