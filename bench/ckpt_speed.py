@@ -100,24 +100,19 @@ def raw_write(tensors: dict, path: Path) -> None:
 
 
 def plain_dcp(tensors: dict, root: Path) -> dict:
-    """Plain dcp.save (fresh directory each time) and dcp.load into the same tensors."""
+    """Plain dcp.load into the same tensors (of the last plain save) and the raw write."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    directory, saves = root / "plain_dcp", []
-    for _ in range(REPEATS):
-        if dist.get_rank() == 0 and directory.exists():
-            shutil.rmtree(directory)
-        dist.barrier()
-        saves.append(timed(lambda: dcp.save(tensors, checkpoint_id=str(directory))))
+    from megatron_mimo.checkpoint.manager import directory_bytes
+
+    directory = root / "plain_dcp"
     load = timed(lambda: dcp.load(tensors, checkpoint_id=str(directory)))
     raw_dir = root / "raw"
     raw_dir.mkdir(exist_ok=True)
     raw = timed(lambda: raw_write(tensors, raw_dir / f"rank{dist.get_rank()}.bin"))
-    from megatron_mimo.checkpoint.manager import directory_bytes
-
-    return {"save_s": saves, "load_s": load, "bytes": directory_bytes(directory),
-            "raw_write_fsync_s": raw, "raw_bytes": directory_bytes(raw_dir)}
+    return {"load_s": load, "bytes": directory_bytes(directory), "raw_write_fsync_s": raw,
+            "raw_bytes": directory_bytes(raw_dir)}
 
 
 def async_stall(trainer) -> dict:
@@ -182,12 +177,22 @@ def clear(trainer) -> None:
     dist.barrier()
 
 
-def sync_saves(trainer) -> tuple[list[float], list[dict]]:
-    times, split = [], []
+def sync_saves(trainer, tensors: dict, root: Path) -> tuple[list[float], list[dict], list[float]]:
+    """Ours and plain dcp.save alternately (so both meet the same page-cache and disk state),
+    each into a new directory."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    ours, split, plain = [], [], []
+    directory = root / "plain_dcp"
     for _ in range(REPEATS):
         clear(trainer)
-        split.append(phases(trainer, lambda: times.append(timed(trainer.save))))
-    return times, split
+        split.append(phases(trainer, lambda: ours.append(timed(trainer.save))))
+        if dist.get_rank() == 0 and directory.exists():
+            shutil.rmtree(directory)
+        dist.barrier()
+        plain.append(timed(lambda: dcp.save(tensors, checkpoint_id=str(directory))))
+    return ours, split, plain
 
 
 def measure(argv: list[str]) -> int:
@@ -204,7 +209,8 @@ def measure(argv: list[str]) -> int:
     root = Path(cfg.checkpoint.save)
     with started_trainer(cfg) as trainer:
         trainer.step()
-        ours, split = sync_saves(trainer)
+        tensors = plain_tensors(trainer)
+        ours, split, plain_saves = sync_saves(trainer, tensors, root)
         from megatron_mimo.checkpoint.manager import directory_bytes
 
         ours_bytes = directory_bytes(root / f"iter_{trainer.state.iteration:07d}")
@@ -218,7 +224,7 @@ def measure(argv: list[str]) -> int:
                                        "train_step_peak_growth_bytes": step_peak})
         clear(trainer)
         async_split = phases(trainer, lambda: stall.update(async_stall(trainer)))
-        plain = plain_dcp(plain_tensors(trainer), root)
+        plain = {**plain_dcp(tensors, root), "save_s": plain_saves}
         if dist.get_rank() == 0:
             print(json.dumps(report(cfg.name, ours, ours_bytes, load, checksum, stall, plain,
                                     peaks, {"sync_last": split[-1], "async": async_split}),
