@@ -238,7 +238,7 @@ def report(name, ours, ours_bytes, load, checksum, stall, plain, peaks, split) -
     load_ratio = max(p["load_peak_growth_bytes"] / max(p["train_step_peak_growth_bytes"], 1)
                      for p in peaks)
     return {
-        "config": name, "bytes": ours_bytes, "plain_dcp_bytes": plain["bytes"],
+        "config": name, "argv": sys.argv[1:], "bytes": ours_bytes, "plain_dcp_bytes": plain["bytes"],
         "save_s": ours, "plain_dcp_save_s": plain["save_s"], "load_s": load,
         "plain_dcp_load_s": plain["load_s"], "raw_write_fsync_s": plain["raw_write_fsync_s"],
         "save_vs_plain_dcp_time_ratio": plain_later / later,
