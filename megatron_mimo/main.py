@@ -1,5 +1,7 @@
 """The ``megatron-mimo`` command: flags -> config, then one training run per torchrun rank.
 
+``megatron-mimo checkpoint {inspect,verify} DIR`` runs the checkpoint tools (one process).
+
 Exit codes: 0 done; 1 an error in the input (flags, files, checkpoint, data), printed as one line
 per rank (``--log-level DEBUG`` adds the traceback); 2 a bad command line or layout; 75 stopped
 early by a signal or the time budget (resume me).
@@ -31,6 +33,11 @@ def _launch_world_size() -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``megatron-mimo`` and ``examples/pretrain_hetero_mimo.py``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["checkpoint"]:  # the one-process checkpoint tools
+        from megatron_mimo.checkpoint.tools import main as checkpoint_tools
+
+        return checkpoint_tools(argv[1:])
     try:
         cfg, args = config_from_args(argv)
         world_size = _launch_world_size()

@@ -247,8 +247,17 @@ def _load_schedulers(schedulers: dict[str, Any], states: dict[str, dict[str, Any
 FORMAT = "megatron-mimo/1"
 
 
+def summary(pieces: Pieces) -> dict[str, Any]:
+    """What ``megatron-mimo checkpoint inspect`` shows without reading shards: the progress
+    and every branch's LR schedule position (every rank steps every branch's scheduler)."""
+    schedulers = {name: {"num_steps": s.num_steps, "lr": s.get_lr(s.optimizer.param_groups[0])}
+                  for name, s in pieces.schedulers.items()}
+    return {"train_state": pieces.train_state.state_dict(), "schedulers": schedulers}
+
+
 def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerprint: str,
-                 config: dict[str, Any], precision: str) -> dict[str, Any]:
+                 config: dict[str, Any], precision: str,
+                 progress: dict[str, Any]) -> dict[str, Any]:
     """Small description of a checkpoint, identical on every rank (common state + JSON file)."""
     from megatron.core import __version__ as mcore_version
 
@@ -260,4 +269,5 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
         "world_size": topology.world_size, "sharded_keys_fingerprint": fingerprint,
         "precision": precision,
         "contents": sorted(contents.names()), "config_name": config.get("name"),
+        "summary": progress,
     }

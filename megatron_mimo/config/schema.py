@@ -140,6 +140,14 @@ class CheckpointConfig:
     """Save optimizer state 'fully_reshardable' (resumable under another TP/DP) instead of 'dp_reshardable'."""
     ckpt_timeout_s: int = 300
     """Bound on every checkpoint collective: a rank missing for this long becomes an error naming it."""
+    async_save: bool = False
+    """Write checkpoint shards in a background process while training continues; the checkpoint
+    is published once every rank has finished writing."""
+    no_ckpt_verify: bool = False
+    """Skip checking every file's checksum before a load (the file-size checks still run)."""
+    ckpt_keep_last: int | None = None
+    """Keep only the newest K checkpoints (older ones are deleted after a newer one is published);
+    None keeps all."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval is None or self.save_interval >= 1,
@@ -147,6 +155,8 @@ class CheckpointConfig:
         _require(self.ckpt_step is None or self.ckpt_step >= 0,
                  f"checkpoint.ckpt_step must be >= 0, got {self.ckpt_step}")
         _require(self.ckpt_timeout_s >= 1, f"checkpoint.ckpt_timeout_s must be >= 1, got {self.ckpt_timeout_s}")
+        _require(self.ckpt_keep_last is None or self.ckpt_keep_last >= 1,
+                 f"checkpoint.ckpt_keep_last must be >= 1, got {self.ckpt_keep_last}")
 
     @property
     def optimizer_sharding_type(self) -> str:

@@ -29,9 +29,14 @@ KNOWN_RECORDS = (
     "full_param_layout not provided",
     "srcLeader=",
     "MCore's async save is deprecated",
+    "common state dict differs from rank 0",
+    "Local worker \\d+ encountered an error",
+    "An error is caught while starting worker",
 )
 """Third-party log records of the same kind (DDP's layout notice, the bridge's leader table, the
-async-save deprecation notice every torch_dist save logs)."""
+async-save deprecation notice every torch_dist save logs, the per-branch optimizer keys of the
+common state that megatron-core's first-save validation lists, and the checkpoint writer's raw
+failure lines, which the save reports as one CheckpointError naming the directory)."""
 
 QUIET_LOGGERS = ("torch.utils.cpp_extension",)
 """Loggers that warn at import on a machine without CUDA ("No CUDA runtime is found")."""

@@ -124,6 +124,8 @@ class Trainer:
                 self.sinks.record_eval(iteration, self.evaluate())
             if saving and ckpt.save_interval and iteration % ckpt.save_interval == 0:
                 self.save()
+            if self.checkpoints is not None:
+                self.checkpoints.poll()  # publishes a finished async save
             if training.exit_interval and iteration % training.exit_interval == 0:
                 logger.info("exiting at iteration %d (--exit-interval %d)", iteration,
                             training.exit_interval)
@@ -135,20 +137,23 @@ class Trainer:
                 break
         if saving and self.last_saved != self.state.iteration:
             self.save()
+        if self.checkpoints is not None:
+            self.checkpoints.wait()  # exit only with the last checkpoint published
         return records
 
-    def close(self) -> None:
-        """Release sinks, the checkpoint group and the job's process groups (every rank)."""
+    def close(self, failed: bool = False) -> None:
+        """Finish a pending checkpoint save (kill its writers instead when the run ``failed``:
+        the other ranks may never join), release sinks and process groups (every rank)."""
         self.sinks.close()
         if self.checkpoints is not None:
-            self.checkpoints.close()
+            self.checkpoints.close(abort=failed)
         destroy_job(self.job)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 @contextmanager

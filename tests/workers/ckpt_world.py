@@ -8,6 +8,7 @@ Every record is the production iteration record (``Trainer.step()``).
   "features" uneven DP3 optimizer shards, constant structure with optional state, mismatches
   "crash"    train with a save every iteration while a rank dies inside one save
   "corrupt"  load damaged copies of one checkpoint (truncated shard, garbage metadata, ...)
+  "disk_full" save to a small filesystem until it is full
 """
 
 from __future__ import annotations
@@ -183,9 +184,14 @@ def mode_straight_and_saved(args: dict) -> dict:
         if it + 1 == N:
             snapshot = {"rng": run_a.rng_draws(), "indices": run_a.next_indices()}
     run_a.close()
-    run_b = Run(make_cfg(layout, {"checkpoint.save": root, **extra}))
-    b_records = [exact(run_b.step(inject_overflow=it + 1 == overflow_at)) for it in range(N)]
-    run_b.save()
+    # the production loop stops at --exit-interval right after requesting the save at N
+    run_b = Run(make_cfg(layout, {"checkpoint.save": root, "checkpoint.save_interval": N,
+                                  "training.exit_interval": N, **extra}))
+    if overflow_at:  # an injected overflow needs single steps
+        b_records = [exact(run_b.step(inject_overflow=it + 1 == overflow_at)) for it in range(N)]
+        run_b.save()
+    else:
+        b_records = [exact(record) for record in run_b.trainer.run()]
     torch.save(run_b.main_params(), Path(root) / f"main_rank{dist.get_rank()}.pt")
     import psutil
 
@@ -194,7 +200,8 @@ def mode_straight_and_saved(args: dict) -> dict:
     torch.save(adam, Path(root) / f"adam_rank{dist.get_rank()}.pt")
     out = {"straight": a_records, "until_save": b_records, "snapshot": snapshot, "eval_at_save": run_b.eval_loss(),
            "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch,
-           "helper_processes_after_save": helpers, "scaler_at_save": run_b.scaler_state()}
+           "helper_processes_after_save": helpers, "scaler_at_save": run_b.scaler_state(),
+           "finished_by_wait": list(run_b.manager.finished_by_wait)}  # before close() waits
     run_b.close()
     return out
 
@@ -312,14 +319,23 @@ def _save_error(run: Run, bump_iteration_on_rank: int | None = None,
 
 
 def mode_crash(args: dict) -> dict:
-    run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": args["root"],
-                                   "checkpoint.load": args["root"], "checkpoint.ckpt_timeout_s": 10}))
+    """Save every iteration (one rank dies inside a save when the fault hook says so); every
+    record is also appended to <root>/records_rank<R>.jsonl, which survives the crash."""
+    import json
+
+    run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": args["root"], "checkpoint.load": args["root"],
+                                   "checkpoint.ckpt_timeout_s": 10, **args.get("overrides", {})}))
     run.load()
     start = run.state.iteration
     records = []
+    log = Path(args["root"]) / f"records_rank{dist.get_rank()}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(args["iterations"]):
         records.append(exact(run.step()))
+        with log.open("a") as out:
+            out.write(json.dumps(records[-1]) + "\n")
         run.save()
+        run.manager.poll()
     run.close()
     return {"start": start, "records": records}
 
@@ -331,8 +347,15 @@ CORRUPTIONS = {
     "garbage_common": lambda d: (d / "common.pt").write_bytes(b"\x00garbage" * 16),
     "garbage_manifest": lambda d: (d / "mimo_manifest.json").write_text("{ not json"),
     "garbage_tracker": lambda d: (d.parent / "latest_checkpointed_iteration.txt").write_text("x1\n"),
+    "flipped_bit": lambda d: _flip_bit(max(d.glob("*.distcp"), key=lambda p: p.stat().st_size)),
 }
 """Ways a checkpoint on disk gets damaged; each must give one CheckpointError naming the file."""
+
+
+def _flip_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
 
 
 def _truncate(path: Path) -> None:
@@ -345,16 +368,18 @@ def mode_corrupt(args: dict) -> dict:
     import shutil
 
     root = Path(args["root"])
-    run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root / "good")}))
-    run.step()
-    run.save()
+    run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root / "good"),
+                                   "checkpoint.ckpt_keep_last": 2}))
+    for _ in range(3):  # retention keeps iterations 2 and 3
+        run.step()
+        run.save()
     run.close()
-    out = {}
+    out = {"kept": sorted(p.name for p in (root / "good").iterdir())}
     for name, damage in CORRUPTIONS.items():
         copy = root / name
         if dist.get_rank() == 0:
             shutil.copytree(root / "good", copy)
-            damage(copy / f"iter_{1:07d}")
+            damage(copy / f"iter_{3:07d}")
         dist.barrier()
         probe = Run(make_cfg(TWO_RANKS, {"checkpoint.load": str(copy)}))
         try:
@@ -366,8 +391,40 @@ def mode_corrupt(args: dict) -> dict:
     return out
 
 
+def mode_disk_full(args: dict) -> dict:
+    """Save to a small filesystem: the first checkpoint fits, the second does not (once
+    synchronously, once in the background); a new manager then clears the leftovers."""
+    from megatron_mimo.checkpoint.storage import read_tracker
+
+    root = Path(args["root"]) / "ckpt"
+    out: dict[str, Any] = {}
+    for attempt, background in (("sync", False), ("async", True)):
+        run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root),
+                                       "checkpoint.async_save": background}))
+        out.setdefault("leftovers_at_start", []).append(sorted(p.name for p in root.glob(".tmp_*")))
+        run.step()
+        if attempt == "sync":
+            run.save()
+        run.step()
+        start = time.monotonic()
+        try:
+            run.save()
+            run.manager.wait()
+            out[attempt] = {"error": None}
+        except Exception as error:  # noqa: BLE001 - the type and message are what is checked
+            out[attempt] = {"type": type(error).__name__, "error": str(error),
+                            "seconds": time.monotonic() - start}
+        out[attempt]["tracker"] = read_tracker(root)
+        dist.barrier()
+        out[attempt]["leftovers"] = sorted(p.name for p in root.glob(".tmp_*"))
+        run.close()
+    Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root)})).close()
+    out["leftovers_at_last_start"] = sorted(p.name for p in root.glob(".tmp_*"))
+    return out
+
+
 MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed, "flags": mode_flags, "features": mode_features,
-         "crash": mode_crash, "corrupt": mode_corrupt}
+         "crash": mode_crash, "corrupt": mode_corrupt, "disk_full": mode_disk_full}
 
 
 def body(args: dict) -> Any:
