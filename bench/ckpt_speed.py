@@ -70,7 +70,7 @@ def main() -> int:
         load = timed(trainer.load)
         load_peak = peak_rss_growth(trainer.load)  # resume memory spike: state materialised twice?
         step_peak = peak_rss_growth(
-            lambda: train_step(trainer.job, trainer.position.consumed_samples))
+            lambda: train_step(trainer.job))
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,
                                        "train_step_peak_growth_bytes": step_peak})

@@ -10,6 +10,7 @@ from megatron_mimo.config.layout import (
 from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig, TransformerSizes
 from megatron_mimo.config.schema import (
     CheckpointConfig,
+    DataConfig,
     LoggingConfig,
     MimoConfig,
     OptimizerConfig,
@@ -18,7 +19,8 @@ from megatron_mimo.config.schema import (
 )
 
 __all__ = [
-    "BRANCHES", "IMAGES", "LANGUAGE", "BranchSpec", "CheckpointConfig", "ImagesModelConfig",
+    "BRANCHES", "IMAGES", "LANGUAGE", "BranchSpec", "CheckpointConfig", "DataConfig",
+    "ImagesModelConfig",
     "LanguageModelConfig", "LoggingConfig", "MimoConfig", "OptimizerConfig", "ParallelismConfig",
     "SchedulerConfig", "TrainingConfig", "TransformerSizes",
 ]

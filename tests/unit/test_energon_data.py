@@ -1,0 +1,220 @@
+"""Real data without a process group: the prepared digits dataset, its checks, the loaders'
+plain-type state, the record a resume must match, and the view arithmetic behind sample
+agreement between branches (``docs/data.md``)."""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.energon")
+
+from megatron_mimo.data.checks import check_dataset, check_prepared  # noqa: E402
+from megatron_mimo.data.digits import DIGIT_WORDS, index_shards, prepare_digits  # noqa: E402
+from megatron_mimo.data.energon import (  # noqa: E402
+    ViewSpec,
+    build_train_loader,
+    build_val_loader,
+    next_batch,
+    sample_format_for,
+)
+from megatron_mimo.data.loader_state import LoaderRecord, from_plain, to_plain  # noqa: E402
+from megatron_mimo.data.source import EnergonSource, concat  # noqa: E402
+from megatron_mimo.data.tokenizer import WordTokenizer  # noqa: E402
+from megatron_mimo.data.views import assign_views  # noqa: E402
+from megatron_mimo.errors import DataError  # noqa: E402
+
+IMAGE_SIZE, SEQ, IMAGE_TOKENS, IMAGE_TOKEN_ID = 16, 24, 4, 255
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits") / "ds"
+    counts = prepare_digits(root, image_size=IMAGE_SIZE, val_samples=97, shard_size=200)
+    assert counts == {"train": 1700, "val": 97}
+    return root
+
+
+def fmt(root: Path):
+    return sample_format_for(root, IMAGE_SIZE, SEQ, IMAGE_TOKENS, IMAGE_TOKEN_ID)
+
+
+def view(root: Path, v: int = 0, n: int = 1, workers: int = 0, batch: int = 4) -> ViewSpec:
+    return ViewSpec(root, v, n, workers, 1234, batch)
+
+
+def damaged_copy(digits: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(digits, copy)
+    return copy
+
+
+def test_prepared_dataset_loads_with_energon_and_has_the_split(digits):
+    counts = check_dataset(digits)
+    assert sum(n for name, n in counts.items() if name.startswith("train/")) == 1700
+    assert sum(n for name, n in counts.items() if name.startswith("val/")) == 97
+    keys, answers = [], []
+    loader = build_val_loader(view(digits, batch=10), fmt(digits))
+    for batch in loader:  # Energon's own val pass: every held-out sample once
+        keys += batch["keys"]
+        assert batch["pixels"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+        rows = torch.arange(len(batch["keys"]))
+        answers += batch["labels"][rows, batch["answer_position"]].tolist()
+    assert len(keys) == len(set(keys)) == 97
+    tokenizer = WordTokenizer.load(digits)
+    assert {tokenizer.words[a] for a in answers} <= set(DIGIT_WORDS)
+    assert len({tokenizer.words[a] for a in answers}) == 10
+
+
+def test_train_views_split_one_epoch_disjointly(digits):
+    """Two views of the train split read disjoint halves of it, across epochs (the shuffle
+    buffer mixes the epoch boundary, so 1,000 reads see most, not all, of a view's 850)."""
+    seen = []
+    for v in range(2):
+        it = iter(build_train_loader(view(digits, v, 2, batch=50), fmt(digits)))
+        seen.append({k for _ in range(20) for k in next_batch(it, view(digits, v, 2))["keys"]})
+    assert not seen[0] & seen[1]
+    assert all(800 < len(keys) <= 850 for keys in seen)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "train" / "shard_000003.tar").unlink(), r"train/shard_000003.tar is missing"),
+    (lambda d: shutil.rmtree(d / ".nv-meta"), r"\.nv-meta is missing"),
+    (lambda d: (d / ".nv-meta" / "dataset.yaml").unlink(), r"dataset.yaml is missing"),
+    (lambda d: (d / ".nv-meta" / ".info.json").write_text("{"), r"\.info\.json: cannot read"),
+    (lambda d: _truncate(d / "val" / "shard_000000.tar"), r"val/shard_000000.tar is truncated"),
+])
+def test_damaged_dataset_is_one_error_naming_the_file(digits, tmp_path, damage, match):
+    copy = damaged_copy(digits, tmp_path)
+    damage(copy)
+    with pytest.raises(DataError, match=match) as error:
+        check_dataset(copy)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_tokenizer_names_the_file(digits, tmp_path):
+    copy = damaged_copy(digits, tmp_path)
+    (copy / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer.json: cannot read"):
+        fmt(copy)
+
+
+def test_prepare_refuses_to_overwrite_and_counts_what_energon_indexed(digits, tmp_path):
+    with pytest.raises(DataError, match="already holds a dataset"):
+        prepare_digits(digits)
+    copy = damaged_copy(digits, tmp_path)  # a shard truncated before Energon indexes it
+    shutil.rmtree(copy / ".nv-meta")
+    written = {f"train/shard_{i:06d}.tar": 200 for i in range(8)}
+    written.update({"train/shard_000008.tar": 100, "val/shard_000000.tar": 97})
+    _truncate(copy / "train" / "shard_000002.tar")
+    index_shards(copy, written)
+    with pytest.raises(DataError, match=r"train/shard_000002.tar: wrote 200 samples but Energon "
+                                        r"indexed \d+"):
+        check_prepared(copy, written)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_first_png(shard: Path) -> str:
+    """Overwrite the first PNG's bytes with zeros in place (the index stays valid)."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data:member.offset_data + member.size] = bytes(member.size)
+    shard.write_bytes(bytes(data))
+    return member.name.removesuffix(".png")
+
+
+def test_a_sample_that_fails_to_decode_raises(digits, tmp_path):
+    copy = damaged_copy(digits, tmp_path)
+    key = _corrupt_first_png(copy / "val" / "shard_000000.tar")
+    spec = view(copy, batch=97)
+    with pytest.raises(DataError, match="failed to read a sample") as error:
+        next_batch(iter(build_val_loader(spec, fmt(copy))), spec)
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_is_plain_loads_weights_only_and_resumes_exactly(digits, workers):
+    spec = view(digits, 1, 2, workers=workers)
+    loader = build_train_loader(spec, fmt(digits))
+    it = iter(loader)
+    for _ in range(7):
+        next_batch(it, spec)
+    buffer = io.BytesIO()
+    torch.save(to_plain(loader.save_state_rank()), buffer)
+    expected = [next_batch(it, spec)["keys"] for _ in range(6)]
+    buffer.seek(0)
+    state = from_plain(torch.load(buffer, weights_only=True))
+    fresh = build_train_loader(spec, fmt(digits))
+    fresh.restore_state_rank(state)
+    it2 = iter(fresh)
+    assert [next_batch(it2, spec)["keys"] for _ in range(6)] == expected
+    del it, it2
+
+
+def _source(root: Path, record: LoaderRecord) -> EnergonSource:
+    specs = [view(root, v, record.num_views, record.num_workers, record.batch_size)
+             for v in record.views]
+    return EnergonSource(specs, fmt(root), record, where="language DP rank 0", branch="language",
+                         num_microbatches=2, global_batch_size=8, blank_images=False)
+
+
+CHANGES = [({"num_workers": 2}, "num_workers 0 -> 2"), ({"seed": 7}, "seed 1234 -> 7"),
+           ({"num_views": 2, "views": (1,)}, "num_views 1 -> 2; views [0] -> [1]"),
+           ({"batch_size": 2}, "batch_size 4 -> 2"), ({"data_path": "/elsewhere"}, "/elsewhere")]
+
+
+def test_loader_state_saved_under_other_settings_is_refused(digits):
+    record = LoaderRecord(str(digits), 1, (0,), 0, 1234, 4)
+    saved = _source(digits, record)
+    saved.next_global_batch()
+    state = saved.state_dict()
+    for change, named in CHANGES:  # what Energon itself would accept silently or fail on late
+        other = LoaderRecord(**{**record.__dict__, **change})
+        with pytest.raises(DataError, match="saved with other settings") as error:
+            other.check_saved(state["record"], "language DP rank 0")
+        assert named in str(error.value) and "\n" not in str(error.value)
+    mismatched = _source(digits, LoaderRecord(**{**record.__dict__, "seed": 7}))
+    with pytest.raises(DataError, match="seed 1234 -> 7"):
+        mismatched.load_state_dict(state)
+    same = _source(digits, record)
+    same.load_state_dict(state)  # the same settings resume where the saved source stopped
+    assert same.consumed_samples == 8
+    same.next_global_batch()
+    saved.next_global_batch()
+    assert same.last_keys == saved.last_keys
+
+
+@pytest.mark.parametrize("images_dp, language_dp", [(2, 1), (1, 3), (2, 2), (1, 2), (4, 2), (3, 1)])
+def test_both_branches_read_the_same_samples_in_bridge_order(digits, images_dp, language_dp):
+    """Every rank of each branch runs its views; the images DP slices concatenated in DP order
+    equal the language DP slices concatenated in DP order, micro-step by micro-step."""
+    job_micro = 2 * math.lcm(images_dp, language_dp)
+
+    def branch_keys(dp: int) -> list[list[str]]:
+        ranks = []
+        for rank in range(dp):
+            a = assign_views(job_micro, images_dp, language_dp, dp, rank)
+            record = LoaderRecord(str(digits), a.num_views, a.views, 0, 1234, a.batch_size)
+            source = _source(digits, record)
+            ranks.append([concat([source._read_micro_batch(m)])["keys"] for m in range(3)])
+        return [sum((r[m] for r in ranks), []) for m in range(3)]
+
+    images, language = branch_keys(images_dp), branch_keys(language_dp)
+    assert images == language and all(len(m) == job_micro == len(set(m)) for m in images)
+
+
+def test_view_arithmetic_refuses_a_micro_step_that_does_not_split():
+    with pytest.raises(DataError, match="does not split over 6 readers"):
+        assign_views(4, 2, 3, 2, 0)
+    assert assign_views(6, 2, 3, 3, 2).views == (4, 5) and assign_views(6, 2, 3, 2, 1).views == (3, 4, 5)
