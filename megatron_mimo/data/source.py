@@ -152,10 +152,10 @@ class EnergonSource(BranchData):
         self.consumed_samples = 0
 
     def _read_micro_batch(self, micro_step: int) -> Batch:
-        from megatron_mimo.data.energon import next_batch
+        from megatron_mimo.data.energon import next_batch, start_loaders
 
         if self._iterators is None:
-            self._iterators = [iter(loader) for loader in self.loaders]
+            self._iterators = start_loaders(self.loaders)
         return concat([next_batch(it, view) for it, view in zip(self._iterators, self.views,
                                                                  strict=True)])
 
@@ -205,6 +205,9 @@ class EnergonSource(BranchData):
                             f"layout, or use --finetune")
 
     def close(self) -> None:
+        from megatron_mimo.data.energon import close_loaders
+
+        close_loaders(self.loaders)
         self._iterators = None
         self.loaders = []
 
