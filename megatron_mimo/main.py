@@ -35,7 +35,7 @@ def data_command(argv: Sequence[str]) -> int:
     """``megatron-mimo data ...``: bad input is one line and exit code 1."""
     from megatron_mimo.data.digits import data_main
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return data_main(argv)
     except MimoError as error:

@@ -24,6 +24,7 @@ import contextlib
 import io
 import logging
 import random
+import shutil
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,14 +106,25 @@ def load_digits(seed: int) -> list[tuple[str, object, int]]:
 
 def prepare_digits(out: Path, image_size: int = 32, val_samples: int = 297,
                    shard_size: int = 250, seed: int = 0) -> dict[str, int]:
-    """Write the digits dataset to ``out``; return the sample count per split."""
+    """Write the digits dataset to ``out``; return the sample count per split.
+
+    Everything is written to ``OUT.partial`` and renamed at the end: an interrupted run leaves
+    no half dataset behind under ``OUT`` (``make train`` prepares again next time)."""
     out = Path(out)
-    if (out / ".nv-meta").exists():
-        raise DataError(f"{out} already holds a dataset (.nv-meta exists): choose another folder "
-                        f"or delete it")
+    if out.exists():
+        raise DataError(f"{out} already exists: choose another folder or delete it")
     digits = load_digits(seed)
     if not 0 < val_samples < len(digits):
         raise DataError(f"--val-samples must lie in 1..{len(digits) - 1}, got {val_samples}")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    counts = _write_dataset(staging, digits, image_size, val_samples, shard_size)
+    staging.rename(out)
+    return counts
+
+
+def _write_dataset(out: Path, digits: list, image_size: int, val_samples: int,
+                   shard_size: int) -> dict[str, int]:
     samples = [(key, png_bytes(scan, image_size), caption_of(label))
                for key, scan, label in digits]
     parts = {"val": samples[:val_samples], "train": samples[val_samples:]}

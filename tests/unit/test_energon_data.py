@@ -106,7 +106,7 @@ def test_missing_tokenizer_names_the_file(digits, tmp_path):
 
 
 def test_prepare_refuses_to_overwrite_and_counts_what_energon_indexed(digits, tmp_path):
-    with pytest.raises(DataError, match="already holds a dataset"):
+    with pytest.raises(DataError, match="already exists"):
         prepare_digits(digits)
     copy = damaged_copy(digits, tmp_path)  # a shard truncated before Energon indexes it
     shutil.rmtree(copy / ".nv-meta")
