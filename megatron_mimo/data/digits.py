@@ -83,10 +83,14 @@ def index_shards(root: Path, written: dict[str, int]) -> None:
     from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
 
     chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):
-        BaseWebdatasetFactory.prepare_dataset(
-            root, list(written), split_parts_patterns=[(s, f"{s}/.*") for s in SPLITS],
-            shuffle_seed=None, workers=2)
+    try:
+        with contextlib.redirect_stdout(chatter):
+            BaseWebdatasetFactory.prepare_dataset(
+                root, list(written), split_parts_patterns=[(s, f"{s}/.*") for s in SPLITS],
+                shuffle_seed=None, workers=2)
+    except Exception as error:  # noqa: BLE001 - Energon raises bare assertions on bad shards
+        raise DataError(f"{root}: Energon could not index the shards: "
+                        f"{type(error).__name__}: {error}") from error
     logger.debug("energon prepare: %s", chatter.getvalue().strip())
 
 

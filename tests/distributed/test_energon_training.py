@@ -14,12 +14,8 @@ WORKER = "tests.workers.data_world"
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from megatron_mimo.data.digits import prepare_digits
-
-    root = tmp_path_factory.mktemp("digits") / "ds"
-    prepare_digits(root)
-    return str(root)
+def digits(digits_dataset):
+    return str(digits_dataset)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from megatron_mimo.data.energon import (  # noqa: E402
     ViewSpec,
     build_train_loader,
     build_val_loader,
+    close_loaders,
     next_batch,
     sample_format_for,
 )
@@ -31,14 +32,13 @@ from megatron_mimo.data.views import assign_views  # noqa: E402
 from megatron_mimo.errors import DataError  # noqa: E402
 
 IMAGE_SIZE, SEQ, IMAGE_TOKENS, IMAGE_TOKEN_ID = 16, 24, 4, 255
+"""The encoder here is 16 px: the 32 px dataset images are resized on the way in."""
+TRAIN, VAL = 1500, 297
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits") / "ds"
-    counts = prepare_digits(root, image_size=IMAGE_SIZE, val_samples=97, shard_size=200)
-    assert counts == {"train": 1700, "val": 97}
-    return root
+def digits(digits_dataset) -> Path:
+    return digits_dataset
 
 
 def fmt(root: Path):
@@ -57,30 +57,29 @@ def damaged_copy(digits: Path, tmp_path: Path) -> Path:
 
 def test_prepared_dataset_loads_with_energon_and_has_the_split(digits):
     counts = check_dataset(digits)
-    assert sum(n for name, n in counts.items() if name.startswith("train/")) == 1700
-    assert sum(n for name, n in counts.items() if name.startswith("val/")) == 97
+    assert sum(n for name, n in counts.items() if name.startswith("train/")) == TRAIN
+    assert sum(n for name, n in counts.items() if name.startswith("val/")) == VAL
     keys, answers = [], []
-    loader = build_val_loader(view(digits, batch=10), fmt(digits))
+    loader = build_val_loader(view(digits, batch=33), fmt(digits))
     for batch in loader:  # Energon's own val pass: every held-out sample once
         keys += batch["keys"]
         assert batch["pixels"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
         rows = torch.arange(len(batch["keys"]))
         answers += batch["labels"][rows, batch["answer_position"]].tolist()
-    assert len(keys) == len(set(keys)) == 97
+    assert len(keys) == len(set(keys)) == VAL
     tokenizer = WordTokenizer.load(digits)
     assert {tokenizer.words[a] for a in answers} <= set(DIGIT_WORDS)
     assert len({tokenizer.words[a] for a in answers}) == 10
 
 
 def test_train_views_split_one_epoch_disjointly(digits):
-    """Two views of the train split read disjoint halves of it, across epochs (the shuffle
-    buffer mixes the epoch boundary, so 1,000 reads see most, not all, of a view's 850)."""
+    """Two views of the train split read disjoint halves of it."""
     seen = []
     for v in range(2):
         it = iter(build_train_loader(view(digits, v, 2, batch=50), fmt(digits)))
-        seen.append({k for _ in range(20) for k in next_batch(it, view(digits, v, 2))["keys"]})
-    assert not seen[0] & seen[1]
-    assert all(800 < len(keys) <= 850 for keys in seen)
+        seen.append([k for _ in range(8) for k in next_batch(it, view(digits, v, 2))["keys"]])
+    assert not set(seen[0]) & set(seen[1])
+    assert all(len(set(keys)) == len(keys) == 400 for keys in seen)
 
 
 @pytest.mark.parametrize("damage, match", [
@@ -110,18 +109,18 @@ def test_prepare_refuses_to_overwrite_and_counts_what_energon_indexed(digits, tm
         prepare_digits(digits)
     copy = damaged_copy(digits, tmp_path)  # a shard truncated before Energon indexes it
     shutil.rmtree(copy / ".nv-meta")
-    written = {f"train/shard_{i:06d}.tar": 200 for i in range(8)}
-    written.update({"train/shard_000008.tar": 100, "val/shard_000000.tar": 97})
-    _truncate(copy / "train" / "shard_000002.tar")
+    written = {f"train/shard_{i:06d}.tar": 250 for i in range(6)}
+    written.update({"val/shard_000000.tar": 250, "val/shard_000001.tar": 47})
+    _truncate(copy / "train" / "shard_000002.tar", keep=0.6)  # Energon indexes what it can read
     index_shards(copy, written)
-    with pytest.raises(DataError, match=r"train/shard_000002.tar: wrote 200 samples but Energon "
+    with pytest.raises(DataError, match=r"train/shard_000002.tar: wrote 250 samples but Energon "
                                         r"indexed \d+"):
         check_prepared(copy, written)
 
 
-def _truncate(path: Path) -> None:
+def _truncate(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
 def _corrupt_first_png(shard: Path) -> str:
@@ -137,7 +136,7 @@ def _corrupt_first_png(shard: Path) -> str:
 def test_a_sample_that_fails_to_decode_raises(digits, tmp_path):
     copy = damaged_copy(digits, tmp_path)
     key = _corrupt_first_png(copy / "val" / "shard_000000.tar")
-    spec = view(copy, batch=97)
+    spec = view(copy, batch=VAL)
     with pytest.raises(DataError, match="failed to read a sample") as error:
         next_batch(iter(build_val_loader(spec, fmt(copy))), spec)
     assert key in str(error.value) and "\n" not in str(error.value)
@@ -159,7 +158,7 @@ def test_loader_state_is_plain_loads_weights_only_and_resumes_exactly(digits, wo
     fresh.restore_state_rank(state)
     it2 = iter(fresh)
     assert [next_batch(it2, spec)["keys"] for _ in range(6)] == expected
-    del it, it2
+    close_loaders([loader, fresh])
 
 
 def _source(root: Path, record: LoaderRecord) -> EnergonSource:
@@ -195,7 +194,7 @@ def test_loader_state_saved_under_other_settings_is_refused(digits):
     assert same.last_keys == saved.last_keys
 
 
-@pytest.mark.parametrize("images_dp, language_dp", [(2, 1), (1, 3), (2, 2), (1, 2), (4, 2), (3, 1)])
+@pytest.mark.parametrize("images_dp, language_dp", [(1, 3), (4, 2)])  # (2, 1): distributed test
 def test_both_branches_read_the_same_samples_in_bridge_order(digits, images_dp, language_dp):
     """Every rank of each branch runs its views; the images DP slices concatenated in DP order
     equal the language DP slices concatenated in DP order, micro-step by micro-step."""
@@ -207,8 +206,9 @@ def test_both_branches_read_the_same_samples_in_bridge_order(digits, images_dp, 
             a = assign_views(job_micro, images_dp, language_dp, dp, rank)
             record = LoaderRecord(str(digits), a.num_views, a.views, 0, 1234, a.batch_size)
             source = _source(digits, record)
-            ranks.append([concat([source._read_micro_batch(m)])["keys"] for m in range(3)])
-        return [sum((r[m] for r in ranks), []) for m in range(3)]
+            ranks.append([concat([source._read_micro_batch(m)])["keys"] for m in range(2)])
+            source.close()
+        return [sum((r[m] for r in ranks), []) for m in range(2)]
 
     images, language = branch_keys(images_dp), branch_keys(language_dp)
     assert images == language and all(len(m) == job_micro == len(set(m)) for m in images)
