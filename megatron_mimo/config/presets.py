@@ -46,9 +46,9 @@ def digits_cpu() -> MimoConfig:
     return replace(
         base, name="digits_cpu",
         data=DataConfig(data_path=DIGITS_PATH),
-        optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, images_lr=3e-3, images_min_lr=3e-4),
-        scheduler=SchedulerConfig(lr_warmup_iters=30, lr_decay_style="cosine"),
-        training=TrainingConfig(micro_batch_size=8, global_batch_size=32, train_iters=450,
+        optimizer=OptimizerConfig(lr=4e-3, min_lr=1e-3, images_lr=4e-3, images_min_lr=1e-3),
+        scheduler=SchedulerConfig(lr_warmup_iters=20, lr_decay_style="cosine"),
+        training=TrainingConfig(micro_batch_size=8, global_batch_size=32, train_iters=400,
                                 seed=1234, eval_interval=50, eval_iters=9),
         logging=LoggingConfig(log_interval=25),
     )

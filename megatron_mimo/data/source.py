@@ -142,11 +142,14 @@ def concat(batches: list[Batch]) -> Batch:
 class EnergonSource(BranchData):
     """Energon savable loaders, one per view of this rank, read in lock step."""
 
-    def __init__(self, views: list, sample_format, record, where: str, **kwargs: Any) -> None:
+    def __init__(self, views: list, sample_format, record, where: str, val_samples: int = 0,
+                 **kwargs: Any) -> None:
         from megatron_mimo.data.energon import build_train_loader
 
         super().__init__(**kwargs)
         self.views, self.sample_format, self.record, self.where = views, sample_format, record, where
+        self.val_samples = val_samples
+        """Samples of the val split (0: unknown, not checked)."""
         self.loaders = [build_train_loader(view, sample_format) for view in views]
         self._iterators: list | None = None
         self.consumed_samples = 0
@@ -169,12 +172,24 @@ class EnergonSource(BranchData):
 
         from megatron_mimo.data.energon import build_val_loader, next_batch
 
+        self._check_eval_fits(eval_iters)
         views = [replace(view, num_workers=0) for view in self.views]
         iterators = [iter(build_val_loader(view, self.sample_format)) for view in views]
         for _ in range(eval_iters):
             yield [self.select(concat([next_batch(it, v) for it, v in zip(iterators, views,
                                                                           strict=True)]))
                    for _ in range(self.num_microbatches)]
+
+    def _check_eval_fits(self, eval_iters: int) -> None:
+        """Every view must hold the evaluation's samples, or ranks would stop at different
+        batches (and wait for each other forever); every rank decides the same."""
+        need = eval_iters * self.global_batch_size
+        num_views = self.record.num_views
+        if self.val_samples and self.val_samples // num_views * num_views < need:
+            raise DataError(f"--eval-iters {eval_iters} x --global-batch-size "
+                            f"{self.global_batch_size} = {need} held-out samples, the val split "
+                            f"of {self.record.data_path} has {self.val_samples} over {num_views} "
+                            f"readers: lower --eval-iters")
 
     def state_dict(self) -> dict[str, Any]:
         """Consumed samples, the record and each view's loader state (plain types)."""
@@ -236,7 +251,6 @@ def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
     check_dataset(path)
     assignment = assign_views(cfg.job_micro_batch, cfg.images_parallel.dp,
                               cfg.language_parallel.dp, cfg.parallel(branch).dp, dp_rank)
-    _check_eval_fits(split_size(path, "val"), assignment.num_views, cfg)
     sample_format = sample_format_for(path, cfg.images.image_size, cfg.language.seq_length,
                                       cfg.images.num_image_tokens, cfg.language.image_token_id)
     seed, workers = cfg.training.seed, cfg.data.num_workers
@@ -245,13 +259,4 @@ def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
     record = LoaderRecord(str(path), assignment.num_views, assignment.views, workers, seed,
                           assignment.batch_size)
     return EnergonSource(views, sample_format, record, where=f"{branch} DP rank {dp_rank}",
-                         **common)
-
-
-def _check_eval_fits(val_samples: int, num_views: int, cfg: MimoConfig) -> None:
-    """Every view must hold the evaluation's samples, or ranks would stop at different batches."""
-    need = cfg.training.eval_iters * cfg.training.global_batch_size
-    if cfg.training.eval_interval and val_samples and val_samples // num_views * num_views < need:
-        raise DataError(f"--eval-iters {cfg.training.eval_iters} x --global-batch-size "
-                        f"{cfg.training.global_batch_size} = {need} held-out samples, the val "
-                        f"split has {val_samples} over {num_views} readers: lower --eval-iters")
+                         val_samples=split_size(path, "val"), **common)

@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("megatron.energon")
 
-from megatron_mimo.data.checks import check_dataset, check_prepared  # noqa: E402
-from megatron_mimo.data.digits import DIGIT_WORDS, index_shards, prepare_digits  # noqa: E402
+from megatron_mimo.data import digits as digits_module  # noqa: E402
+from megatron_mimo.data.checks import check_dataset  # noqa: E402
+from megatron_mimo.data.digits import DIGIT_WORDS, prepare_digits  # noqa: E402
 from megatron_mimo.data.energon import (  # noqa: E402
     ViewSpec,
     build_train_loader,
@@ -26,7 +27,7 @@ from megatron_mimo.data.energon import (  # noqa: E402
     sample_format_for,
 )
 from megatron_mimo.data.loader_state import LoaderRecord, from_plain, to_plain  # noqa: E402
-from megatron_mimo.data.source import EnergonSource, concat  # noqa: E402
+from megatron_mimo.data.source import EnergonSource  # noqa: E402
 from megatron_mimo.data.tokenizer import WordTokenizer  # noqa: E402
 from megatron_mimo.data.views import assign_views  # noqa: E402
 from megatron_mimo.errors import DataError  # noqa: E402
@@ -104,18 +105,23 @@ def test_missing_tokenizer_names_the_file(digits, tmp_path):
         fmt(copy)
 
 
-def test_prepare_refuses_to_overwrite_and_counts_what_energon_indexed(digits, tmp_path):
+def test_prepare_refuses_to_overwrite_and_counts_what_energon_indexed(digits, tmp_path,
+                                                                     monkeypatch):
     with pytest.raises(DataError, match="already exists"):
         prepare_digits(digits)
-    copy = damaged_copy(digits, tmp_path)  # a shard truncated before Energon indexes it
-    shutil.rmtree(copy / ".nv-meta")
-    written = {f"train/shard_{i:06d}.tar": 250 for i in range(6)}
-    written.update({"val/shard_000000.tar": 250, "val/shard_000001.tar": 47})
-    _truncate(copy / "train" / "shard_000002.tar", keep=0.6)  # Energon indexes what it can read
-    index_shards(copy, written)
+    write_shards = digits_module.write_shards
+
+    def write_then_damage(root, split, samples, shard_size):  # a tar cut short on disk
+        written = write_shards(root, split, samples, shard_size)
+        if split == "train":
+            _truncate(root / "train" / "shard_000002.tar", keep=0.6)
+        return written
+
+    monkeypatch.setattr(digits_module, "write_shards", write_then_damage)
     with pytest.raises(DataError, match=r"train/shard_000002.tar: wrote 250 samples but Energon "
                                         r"indexed \d+"):
-        check_prepared(copy, written)
+        prepare_digits(tmp_path / "damaged")
+    assert not (tmp_path / "damaged").exists()  # nothing half-prepared under the name
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -164,8 +170,9 @@ def test_loader_state_is_plain_loads_weights_only_and_resumes_exactly(digits, wo
 def _source(root: Path, record: LoaderRecord) -> EnergonSource:
     specs = [view(root, v, record.num_views, record.num_workers, record.batch_size)
              for v in record.views]
-    return EnergonSource(specs, fmt(root), record, where="language DP rank 0", branch="language",
-                         num_microbatches=2, global_batch_size=8, blank_images=False)
+    return EnergonSource(specs, fmt(root), record, where="language DP rank 0", val_samples=VAL,
+                         branch="language", num_microbatches=2, global_batch_size=8,
+                         blank_images=False)
 
 
 CHANGES = [({"num_workers": 2}, "num_workers 0 -> 2"), ({"seed": 7}, "seed 1234 -> 7"),
@@ -192,6 +199,8 @@ def test_loader_state_saved_under_other_settings_is_refused(digits):
     same.next_global_batch()
     saved.next_global_batch()
     assert same.last_keys == saved.last_keys
+    with pytest.raises(DataError, match="lower --eval-iters"):
+        next(same.eval_batches(eval_iters=VAL))  # more held-out batches than the split holds
 
 
 @pytest.mark.parametrize("images_dp, language_dp", [(1, 3), (4, 2)])  # (2, 1): distributed test
@@ -206,7 +215,8 @@ def test_both_branches_read_the_same_samples_in_bridge_order(digits, images_dp, 
             a = assign_views(job_micro, images_dp, language_dp, dp, rank)
             record = LoaderRecord(str(digits), a.num_views, a.views, 0, 1234, a.batch_size)
             source = _source(digits, record)
-            ranks.append([concat([source._read_micro_batch(m)])["keys"] for m in range(2)])
+            source.next_global_batch()
+            ranks.append(source.last_keys)
             source.close()
         return [sum((r[m] for r in ranks), []) for m in range(2)]
 
