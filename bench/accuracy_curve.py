@@ -33,7 +33,8 @@ def read_metrics(path: Path) -> tuple[list[tuple[int, float]], list[dict]]:
 
 
 def panel(draw: ImageDraw.ImageDraw, left: int, title: str, x_max: int, y_range: tuple[float, float],
-          series: list[tuple[list[tuple[float, float]], tuple[int, int, int]]], y_label) -> None:
+          series: list[tuple[list[tuple[float, float]], tuple[int, int, int]]], y_label,
+          y_ticks: list[float]) -> None:
     """Axes, ticks and polylines of one panel (y already transformed by the caller)."""
     top, bottom, right = MARGIN, HEIGHT - MARGIN, left + PANEL - MARGIN
     y_lo, y_hi = y_range
@@ -44,9 +45,9 @@ def panel(draw: ImageDraw.ImageDraw, left: int, title: str, x_max: int, y_range:
 
     draw.rectangle([left, top, right, bottom], outline=BLACK)
     draw.text((left, top - 20), title, fill=BLACK)
-    for i in range(5):
-        y = y_lo + (y_hi - y_lo) * i / 4
+    for y in y_ticks:
         draw.text((left - 45, at(0, y)[1] - 6), y_label(y), fill=BLACK)
+    for i in range(5):
         x = x_max * i / 4
         draw.text((at(x, y_lo)[0] - 10, bottom + 6), f"{x:.0f}", fill=BLACK)
     draw.text(((left + right) / 2 - 25, bottom + 24), "iteration", fill=BLACK)
@@ -66,13 +67,14 @@ def draw_curves(train: list[tuple[int, float]], evals: list[dict], out: Path) ->
     log_train = [(it, math.log10(loss)) for it, loss in train]
     log_eval = [(r["iteration"], math.log10(r["eval_loss"])) for r in evals]
     lows = [y for _, y in log_train + log_eval]
+    decades = range(math.floor(min(lows)), math.ceil(max(lows)) + 1)
     panel(draw, 60, "loss (grey: training, blue: held-out), log scale", x_max,
-          (math.floor(min(lows)), math.ceil(max(lows))), [(log_train, GREY), (log_eval, BLUE)],
-          lambda y: f"{10 ** y:.0e}")
+          (decades[0], decades[-1]), [(log_train, GREY), (log_eval, BLUE)],
+          lambda y: f"{10 ** y:g}", list(decades))
     accuracy = [(r["iteration"], 100.0 * r["eval_accuracy"]) for r in evals]
     panel(draw, 60 + PANEL + 20, "held-out digit accuracy (%), target 90 % (red)", x_max,
           (0.0, 100.0), [([(0, 90.0), (x_max, 90.0)], RED), (accuracy, BLUE)],
-          lambda y: f"{y:.0f}")
+          lambda y: f"{y:.0f}", [0, 25, 50, 75, 90, 100])
     image.save(out)
 
 

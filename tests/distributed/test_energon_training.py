@@ -1,6 +1,8 @@
 """Training on real data through Energon (docs/data.md): both branches read the same samples
 under two DP pairings, a resume continues bit for bit with the loader's own state (0 and 2
-worker processes), mismatched loader state is refused, and the image carries the answer."""
+worker processes), a loader state from another layout is refused, and the image carries the
+answer. (A changed --num-workers, seed, batch size or dataset is refused by the record check:
+tests/unit/test_energon_data.py.)"""
 
 import pytest
 
@@ -74,13 +76,6 @@ def test_resume_on_real_data_is_bit_exact_with_the_loader_state(saved, resumed, 
         assert got["iteration"] == N
         # every exact record key and this rank's sample keys of every micro-batch
         assert got["records"] == run["straight"][N:]
-
-
-def test_workers_change_since_save_is_refused_in_one_line(resumed):
-    for rank in resumed:
-        error = rank["other_workers"]
-        assert error and error.startswith("DataError") and "num_workers 0 -> 2" in error
-        assert "\n" not in error
 
 
 def test_layout_change_cannot_resume_the_loader(resumed):
