@@ -216,8 +216,8 @@ def measure(argv: list[str]) -> int:
         ours_bytes = directory_bytes(root / f"iter_{trainer.state.iteration:07d}")
         checksum = checksum_cost(trainer)
         load = timed(trainer.load)
-        load_peak = peak_rss_growth(trainer.load)
-        step_peak = peak_rss_growth(lambda: train_step(trainer.job, trainer.position.consumed_samples))
+        load_peak = peak_rss_growth(trainer.load)  # resume memory spike: state materialised twice?
+        step_peak = peak_rss_growth(lambda: train_step(trainer.job))
         stall: dict = {}
         peaks = [None] * dist.get_world_size()
         dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,

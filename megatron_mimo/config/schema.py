@@ -113,6 +113,21 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where training samples come from (no --data-path: deterministic mock samples)."""
+
+    data_path: str | None = None
+    """Energon dataset folder of image-caption samples (e.g. from `megatron-mimo data prepare-digits`)."""
+    num_workers: int = 0
+    """Energon worker processes per reader (0 = read in the training process)."""
+    blank_images: bool = False
+    """Feed all-zero images (ablation: the captions must then be guessed without the image)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Where to save and load checkpoints and what to include (Megatron's flag names)."""
 
@@ -201,6 +216,8 @@ class MimoConfig:
     """Training loop."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Model precision and the fp16 loss scaler."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -287,6 +304,7 @@ SECTION_TYPES: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "training": TrainingConfig,
     "precision": PrecisionConfig,
+    "data": DataConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
 }

@@ -20,10 +20,12 @@ KNOWN_WARNINGS = (
     "CUDA_DEVICE_MAX_CONNECTIONS",
     r"`torch\.distributed\.\w+` is deprecated",
     "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    "'pin_memory' argument is set as true but no accelerator is found",
 )
 """Python warnings megatron-core and torch print on every process of a CPU run (no TE/apex,
 experimental MIMO API, deprecated collective names, a non-leaf ``.grad`` read inside
-megatron-core); none asks the user to do anything."""
+megatron-core, Energon's hard-coded ``pin_memory=True`` on a CPU); none asks the user to do
+anything."""
 
 KNOWN_RECORDS = (
     "full_param_layout not provided",

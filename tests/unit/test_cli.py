@@ -119,3 +119,9 @@ def test_errors_name_flags_not_config_fields(capsys, monkeypatch):
     assert main(["--encoder-image-size", "30", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("megatron-mimo: error: --encoder-image-size 30 must divide by patch_size")
+
+
+def test_data_command_runs_without_torchrun_and_reports_one_line(tmp_path, capsys):
+    assert main(["data", "prepare-digits", str(tmp_path)]) == 1  # exists already
+    err = capsys.readouterr().err.strip()
+    assert err == f"megatron-mimo: error: {tmp_path} already exists: choose another folder or delete it"

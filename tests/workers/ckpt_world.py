@@ -126,7 +126,7 @@ class Run:
         from megatron_mimo.checkpoint.rng import capture_rng, restore_rng
 
         saved = capture_rng()
-        loss = self.trainer.evaluate()
+        loss = self.trainer.evaluate().loss
         restore_rng(saved)
         return loss
 
@@ -146,7 +146,7 @@ class Run:
         return draws
 
     def next_indices(self) -> list[int]:
-        return self.job.sampler.indices(self.trainer.position.consumed_samples, 0)
+        return self.job.data.upcoming_indices()
 
     def adam_state(self) -> list[dict[str, torch.Tensor]]:
         from megatron_mimo.checkpoint.contents import inner_optimizers
