@@ -50,7 +50,7 @@ def digits_cpu() -> MimoConfig:
         optimizer=OptimizerConfig(lr=4e-3, min_lr=1e-3, images_lr=4e-3, images_min_lr=1e-3),
         scheduler=SchedulerConfig(lr_warmup_iters=20, lr_decay_style="cosine"),
         training=TrainingConfig(micro_batch_size=8, global_batch_size=32, train_iters=400,
-                                seed=1234, eval_interval=50, eval_iters=9),
+                                seed=1234, eval_interval=400, eval_iters=9),
         logging=LoggingConfig(log_interval=25),
     )
 
