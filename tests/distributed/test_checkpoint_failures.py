@@ -13,7 +13,7 @@ from tests.harness import REPO_ROOT, run_world
 
 pytestmark = pytest.mark.dist
 
-WORKER = "tests.workers.ckpt_world"
+WORKER = "tests.workers.ckpt_failure_world"
 
 
 @pytest.fixture(scope="module")
