@@ -5,7 +5,8 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 NPROC     ?= 4
-CONFIG    ?= tiny_cpu
+CONFIG    ?= digits_cpu
+DATA      ?= data/digits
 ARGS      ?=
 PYTEST_ARGS ?=
 
@@ -27,9 +28,13 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 	  || { tail -20 $(VENV)/pip.log; echo "import check failed; full log: $(VENV)/pip.log"; exit 1; }; \
 	touch $(STAMP)
 
-train: $(STAMP)
+# The digits dataset is prepared once (a few seconds, no download) and reused afterwards.
+$(DATA)/.nv-meta/dataset.yaml: | $(STAMP)
+	$(VENV)/bin/megatron-mimo data prepare-digits $(DATA)
+
+train: $(STAMP) $(DATA)/.nv-meta/dataset.yaml
 	@OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
-	  examples/pretrain_hetero_mimo.py --config $(CONFIG) $(ARGS)
+	  examples/pretrain_hetero_mimo.py --config $(CONFIG) --data-path $(DATA) $(ARGS)
 
 test: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

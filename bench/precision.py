@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch.distributed as dist
+from ckpt_speed import peak_rss_growth  # bench/ is the script directory
 
 from megatron_mimo.checkpoint.manager import directory_bytes
 from megatron_mimo.config.cli import apply_overrides, config_from_args
@@ -28,21 +29,12 @@ PRECISIONS = {"fp32": {}, "bf16": {"precision.bf16": True},
               "fp16": {"precision.fp16": True, "precision.initial_loss_scale": 256.0}}
 
 
-def rss_kib(field: str) -> int:
-    """A /proc/self/status memory field in KiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def measure(cfg, root: Path) -> dict:
+def measure(cfg) -> dict:
     """Train ``cfg`` on this rank; return step ms, peak RSS growth and the checkpoint size."""
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    start_rss = rss_kib("VmRSS")
     with Trainer(cfg) as trainer:
-        times = [trainer.step()["ms_per_iteration"] for _ in range(cfg.training.train_iters)]
-        peak = (rss_kib("VmHWM") - start_rss) * 1024
+        times: list[float] = []
+        peak = peak_rss_growth(lambda: times.extend(
+            trainer.step()["ms_per_iteration"] for _ in range(cfg.training.train_iters)))
         directory = trainer.save()
     dist.barrier()
     kept = times[WARMUP:]
@@ -61,7 +53,7 @@ def main() -> int:
         for name, flags in PRECISIONS.items():
             run_cfg = apply_overrides(cfg, {**flags, "checkpoint.save": str(root / name)})
             began = time.perf_counter()
-            mine = measure(run_cfg, root)
+            mine = measure(run_cfg)
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
             results[name] = {

@@ -1,5 +1,8 @@
 """The ``megatron-mimo`` command: flags -> config, then one training run per torchrun rank.
 
+``megatron-mimo checkpoint {inspect,verify} DIR`` runs the checkpoint tools and
+``megatron-mimo data prepare-digits OUT`` prepares a dataset (one process each, no torchrun).
+
 Exit codes: 0 done; 1 an error in the input (flags, files, checkpoint, data), printed as one line
 per rank (``--log-level DEBUG`` adds the traceback); 2 a bad command line or layout; 75 stopped
 early by a signal or the time budget (resume me).
@@ -29,8 +32,27 @@ def _launch_world_size() -> int | None:
     return int(value) if value else None
 
 
+def data_command(argv: Sequence[str]) -> int:
+    """``megatron-mimo data ...``: bad input is one line and exit code 1."""
+    from megatron_mimo.data.digits import data_main
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return data_main(argv)
+    except MimoError as error:
+        _error(str(error))
+        return EXIT_INPUT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``megatron-mimo`` and ``examples/pretrain_hetero_mimo.py``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["checkpoint"]:  # the one-process checkpoint tools
+        from megatron_mimo.checkpoint.tools import main as checkpoint_tools
+
+        return checkpoint_tools(argv[1:])
+    if argv[:1] == ["data"]:
+        return data_command(argv[1:])
     try:
         cfg, args = config_from_args(argv)
         world_size = _launch_world_size()

@@ -1,3 +1,3 @@
 """Checkpoints: a manager over stateful pieces, what a checkpoint holds, on-disk storage.
 
-Nothing here imports ``megatron_mimo.training``: the trainer hands the manager its pieces."""
+The training loop hands the manager its pieces; this package never imports the loop."""

@@ -5,7 +5,8 @@ a load reads, and how they become one sharded state dict (and back).
     optimizer     MimoOptimizer state, 'mimo.<branch>.'-prefixed; param_groups, grad scaler and
                   param_state_sharding_type as ShardedObjects with the branch's (tp, pp, dp)
     scheduler     one OptimizerParamScheduler state per branch
-    data          the data position of this rank's branch
+    data          this rank's data state (position; Energon loader state with its record),
+                  one object per rank; loaded only under the saved layout
     events        per-branch skip history: always present (empty when idle), so the sharded
                   structure is the same in every save (a cached save plan never drops it)
     rng           python, numpy, torch CPU, CUDA, tracker streams, one object per global rank
@@ -49,6 +50,12 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class DataState(Stateful, Protocol):
+    """A rank's data state, which can also continue without its saved state (new layout)."""
+
+    def restart_at(self, consumed_samples: int) -> None: ...
+
+
 @dataclass
 class Pieces:
     """The stateful objects a checkpoint saves, one field per fixed key."""
@@ -59,8 +66,8 @@ class Pieces:
     """megatron-core MimoOptimizer."""
     schedulers: dict[str, Any]
     """One OptimizerParamScheduler per branch; only this rank's branch's drives an optimizer."""
-    data: Stateful
-    """Data position of this rank's branch."""
+    data: DataState
+    """This rank's data state (saved per rank)."""
     events: Stateful
     """Skip history."""
     train_state: Stateful
@@ -77,6 +84,9 @@ class Contents:
     progress: bool
     """Train state, data position and skip history (off with --finetune)."""
     sharding_type: str
+    rank_data: bool = True
+    """This rank's saved data state; off when the layout changed (each rank then continues at
+    the train state's consumed samples, if its data source can)."""
 
     @classmethod
     def to_save(cls, ckpt: CheckpointConfig) -> Contents:
@@ -107,14 +117,18 @@ class Contents:
         if rng and not same_ranks:
             logger.warning("layout changed since the save: RNG state is per rank and is not loaded")
             rng = False
+        if not same_ranks and not ckpt.finetune:
+            logger.warning("layout changed since the save: the data state is per rank and is not "
+                           "loaded; the data continues at the saved consumed samples if it can")
         return cls(optimizer=optimizer, scheduler=not (ckpt.finetune or ckpt.no_load_scheduler),
                    rng=rng, progress=not ckpt.finetune,
-                   sharding_type=manifest["optimizer_sharding_type"])
+                   sharding_type=manifest["optimizer_sharding_type"], rank_data=same_ranks)
 
     def names(self) -> list[str]:
         """Keys of the sharded state dict these contents produce."""
         return ["model"] + [name for name, on in (
-            ("optimizer", self.optimizer), ("scheduler", self.scheduler), ("data", self.progress),
+            ("optimizer", self.optimizer), ("scheduler", self.scheduler),
+            ("data", self.progress and self.rank_data),
             ("events", self.progress), ("rng", self.rng)) if on]
 
 
@@ -186,12 +200,14 @@ def sharded_state(pieces: Pieces, topology: Topology, contents: Contents,
         sharded["scheduler"] = {name: branch_object(
             f"scheduler.{name}", pieces.schedulers[name].state_dict(), pgs,
             foreign=name != branch) for name in names}
+    local_rank = topology.rank - spec.rank_offset
     if contents.progress:
-        sharded["data"] = branch_object(f"data.{branch}", pieces.data.state_dict(), pgs)
+        if contents.rank_data:
+            sharded["data"] = rank_object(f"data.{branch}", pieces.data.state_dict(), local_rank,
+                                          spec.num_ranks)
         sharded["events"] = branch_object(f"events.{branch}", pieces.events.state_dict(), pgs)
     if contents.rng:
-        sharded["rng"] = rank_object(f"rng.{branch}", capture_rng(),
-                                     topology.rank - spec.rank_offset, spec.num_ranks)
+        sharded["rng"] = rank_object(f"rng.{branch}", capture_rng(), local_rank, spec.num_ranks)
     if saving:
         sharded["train_state"] = pieces.train_state.state_dict()
     return sharded
@@ -211,7 +227,10 @@ def apply_loaded(pieces: Pieces, loaded: dict[str, Any], contents: Contents, bra
         _load_schedulers(pieces.schedulers, loaded["scheduler"], branch)
     if contents.progress:
         pieces.train_state.load_state_dict(loaded["train_state"])
-        pieces.data.load_state_dict(loaded["data"])
+        if contents.rank_data:
+            pieces.data.load_state_dict(loaded["data"])
+        else:
+            pieces.data.restart_at(loaded["train_state"]["consumed_samples"])
         pieces.events.load_state_dict(loaded["events"])
     if contents.rng:
         restore_rng(loaded["rng"])
@@ -244,11 +263,21 @@ def _load_schedulers(schedulers: dict[str, Any], states: dict[str, dict[str, Any
         load_scheduler_state(scheduler, saved)
 
 
-FORMAT = "megatron-mimo/1"
+FORMAT = "megatron-mimo/2"
+"""/2: the data state is one object per rank (it was one per branch)."""
+
+
+def summary(pieces: Pieces) -> dict[str, Any]:
+    """What ``megatron-mimo checkpoint inspect`` shows without reading shards: the progress
+    and every branch's LR schedule position (every rank steps every branch's scheduler)."""
+    schedulers = {name: {"num_steps": s.num_steps, "lr": s.get_lr(s.optimizer.param_groups[0])}
+                  for name, s in pieces.schedulers.items()}
+    return {"train_state": pieces.train_state.state_dict(), "schedulers": schedulers}
 
 
 def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerprint: str,
-                 config: dict[str, Any], precision: str) -> dict[str, Any]:
+                 config: dict[str, Any], precision: str,
+                 progress: dict[str, Any]) -> dict[str, Any]:
     """Small description of a checkpoint, identical on every rank (common state + JSON file)."""
     from megatron.core import __version__ as mcore_version
 
@@ -260,4 +289,5 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
         "world_size": topology.world_size, "sharded_keys_fingerprint": fingerprint,
         "precision": precision,
         "contents": sorted(contents.names()), "config_name": config.get("name"),
+        "summary": progress,
     }

@@ -9,11 +9,14 @@ error naming it instead of a hang.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import hashlib
 import logging
 import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +30,24 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     TorchDistLoadShardedStrategy,
     TorchDistSaveShardedStrategy,
 )
+from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
-from megatron_mimo.checkpoint import storage
+from megatron_mimo.checkpoint import integrity, retention, storage
+from megatron_mimo.checkpoint.background import BackgroundSaves, with_checksums
 from megatron_mimo.checkpoint.contents import (
     Contents,
     Pieces,
     apply_loaded,
     manifest_for,
     sharded_state,
+    summary,
 )
-from megatron_mimo.compat.mcore import MCORE_WORKAROUNDS
+from megatron_mimo.checkpoint.storage import describe_write_failure
+from megatron_mimo.compat.mcore import (
+    MCORE_WORKAROUNDS,
+    results_queue_across_fork,
+    views_saved_without_copy,
+)
 from megatron_mimo.compat.registry import apply_all
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
@@ -67,10 +78,21 @@ class CheckpointManager:
         self.timeout = datetime.timedelta(seconds=self.ckpt.ckpt_timeout_s)
         self.group = dist.new_group(backend="gloo", timeout=self.timeout)
         self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
+        self.background = BackgroundSaves() if ckpt.async_save else None
+        self.pending_iteration: int | None = None
+        self.finished_by_wait: list[int] = []
+        """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
+        inside save/poll/wait; 'state', 'plan', 'write', 'publish' split the saves."""
         self.last_fingerprint: str | None = None
         self.last_save_seconds = self.last_load_seconds = 0.0
         self.loaded_optimizer_meta: dict[str, Any] = {}
         apply_all(MCORE_WORKAROUNDS)  # in-process save queue, Adam step on fully_reshardable load
+        if ckpt.save and dist.get_rank() == 0:
+            removed = storage.remove_stale(ckpt.save)
+            if removed:
+                logger.info("removed leftovers of interrupted saves in %s: %s", ckpt.save, removed)
 
     # -- coordination -------------------------------------------------------------------
 
@@ -95,57 +117,163 @@ class CheckpointManager:
             raise CheckpointError(f"{what}: ranks disagree: {by_rank}")
         return values[0]
 
-    def close(self) -> None:
-        """Destroy the checkpoint process group."""
+    def close(self, abort: bool = False) -> None:
+        """Finish the pending save (or, after a failure, kill its writers: nothing is
+        published), then destroy the checkpoint process group."""
+        if self.background is not None:
+            if abort:
+                self.background.abort()
+            else:
+                self.wait()
         dist.destroy_process_group(self.group)
 
     # -- save -----------------------------------------------------------------------------
 
     def save(self, iteration: int) -> Path:
-        """Write a checkpoint of the pieces at ``iteration`` atomically; return its directory."""
+        """Write a checkpoint of the pieces at ``iteration`` atomically; return its directory.
+
+        With --async-save the shards are written in the background and the directory appears
+        once every rank finished (see :meth:`poll`); a save still pending is finished first."""
         if not self.ckpt.save:
             raise CheckpointError("save() called without --save")
+        self.wait()
+        with self._timed("blocked"):
+            return self._save(iteration)
+
+    def _save(self, iteration: int) -> Path:
         start = time.perf_counter()
         root = Path(self.ckpt.save)
         contents = Contents.to_save(self.ckpt)
         self._agree("checkpoint save: iteration and optimizer sharding",
                     (iteration, contents.sharding_type))
-        sharded = sharded_state(self.pieces, self.topology, contents, saving=True)
-        all_keys = self._exchange("checkpoint save: sharded key set", sharded_keys(sharded))
-        fingerprint = hashlib.sha256("\n".join(sorted(set().union(*all_keys))).encode()).hexdigest()
-        if self.last_fingerprint not in (None, fingerprint):
-            logger.warning("sharded structure changed since the last save: dropping the cached save plan")
-            self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
-        self.last_fingerprint = fingerprint
-        manifest = manifest_for(iteration, self.topology, contents, fingerprint, self.config,
-                                self.precision)
+        with self._timed("state"):
+            sharded = sharded_state(self.pieces, self.topology, contents, saving=True)
+        first_of_structure = self._track_structure(sharded)
+        manifest = manifest_for(iteration, self.topology, contents, self.last_fingerprint,
+                                self.config, self.precision, summary(self.pieces))
         sharded["manifest"] = manifest
         sharded["config"] = self.config
         if dist.get_rank() == 0:
             storage.prepare_staging(root, iteration)
         self._barrier("checkpoint save: staging directory")
         staging = storage.staging_dir(root, iteration)
-        sharded_part, common = save_preprocess(sharded, validate_access_integrity=True)
-        dist_checkpointing.save(sharded_part, str(staging), sharded_strategy=self.save_strategy,
-                                validate_access_integrity=False)
-        self._maybe_crash_for_test(iteration)
+        sharded_part, common = save_preprocess(sharded, validate_access_integrity=first_of_structure)
+        views_saved_without_copy(sharded_part)
+        with self._results_queue(), self._timed("plan"):
+            request = dist_checkpointing.save(
+                sharded_part, str(staging), sharded_strategy=self.save_strategy,
+                validate_access_integrity=False, async_sharded_save=True,
+                async_strategy=self.background.strategy if self.background else "mcore")
+        request = with_checksums(request, staging, iteration)
+        request.add_finalize_fn(partial(self._publish, iteration, common, manifest, start))
+        if self.background is None:
+            with self._timed("write"):  # and megatron's finalisation and our publish
+                self._finish(iteration, request.execute_sync)
+        else:
+            self.background.start(request)
+            self.pending_iteration = iteration
+            self._maybe_crash_for_test(iteration)  # the write is in flight
+        return storage.checkpoint_dir(root, iteration)
+
+    def _track_structure(self, sharded: dict[str, Any]) -> bool:
+        """Fingerprint the world's sharded key set; True when it is new (first save, or changed:
+        then the cached save plan is dropped and the access pattern validated again)."""
+        mine = hashlib.sha256("\n".join(sharded_keys(sharded)).encode()).hexdigest()
+        all_ranks = self._exchange("checkpoint save: sharded key set", mine)
+        fingerprint = hashlib.sha256("\n".join(all_ranks).encode()).hexdigest()
+        changed = self.last_fingerprint not in (None, fingerprint)
+        if changed:
+            logger.warning("sharded structure changed since the last save: dropping the cached save plan")
+            self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
+        new = self.last_fingerprint != fingerprint
+        self.last_fingerprint = fingerprint
+        return new
+
+    def _results_queue(self):
+        return (results_queue_across_fork() if self.background and self.background.strategy == "mcore"
+                else contextlib.nullcontext())
+
+    def _publish(self, iteration: int, common: dict, manifest: dict[str, Any], start: float) -> None:
+        """Last finalisation step, after every rank's shards and megatron's metadata are written:
+        common state, checksums, manifest, rename, tracker, retention (rank 0); the world agrees
+        on the outcome so every rank fails the same way."""
+        self._maybe_crash_for_test(iteration, written=True)
         self._barrier("checkpoint save: shards written")
+        root = Path(self.ckpt.save)
+        error = None
         if dist.get_rank() == 0:
-            torch.save(common, staging / "common.pt")
-            storage.write_manifest(staging, manifest)
-            storage.publish(root, iteration)
-        self._barrier("checkpoint save: publish")
+            try:
+                with self._timed("publish"):
+                    self._write_and_publish(root, iteration, common, manifest)
+            except OSError as failure:
+                error = describe_write_failure(failure, root, iteration)
+        errors = [e for e in self._exchange("checkpoint save: publish", error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
         final = storage.checkpoint_dir(root, iteration)
         self.last_save_seconds = time.perf_counter() - start
+        self.pending_iteration = None
         if dist.get_rank() == 0:
             logger.info("saved checkpoint %s in %.2f s (%d bytes)", final, self.last_save_seconds,
                         directory_bytes(final))
-        return final
+
+    def _write_and_publish(self, root: Path, iteration: int, common: dict,
+                           manifest: dict[str, Any]) -> None:
+        staging = storage.staging_dir(root, iteration)
+        torch.save(common, staging / "common.pt")
+        sums = integrity.collect_sidecars(staging)
+        unhashed = [p.name for p in staging.iterdir() if p.is_file() and p.name not in sums]
+        manifest["checksums"] = {**sums, **integrity.checksums(staging, unhashed)}
+        storage.write_manifest(staging, manifest)
+        storage.publish(root, iteration)
+        if self.ckpt.ckpt_keep_last:
+            retention.prune(root, self.ckpt.ckpt_keep_last)
+
+    def _finish(self, iteration: int, finalise) -> None:
+        """Run a write/finalisation step; any failure becomes one CheckpointError naming the
+        directory (the same on every rank)."""
+        try:
+            finalise()
+        except CheckpointError:
+            self.pending_iteration = None
+            raise
+        except (Exception, DcpCheckpointException) as failure:  # writer failures, wrapped
+            self.pending_iteration = None
+            root = Path(self.ckpt.save)
+            mine = describe_write_failure(failure, root, iteration)
+            messages = self._exchange("checkpoint save: failure", mine)
+            full = [m for m in messages if "disk is full" in m]
+            raise CheckpointError((full or [mine])[0]) from None
+
+    def poll(self) -> None:
+        """Publish the pending async save if every rank finished writing (call every iteration
+        on every rank: one small all-reduce while a save is pending, nothing otherwise)."""
+        if self.background is not None and self.background.pending:
+            with self._timed("blocked"):
+                self._finish(self.pending_iteration, self.background.poll)
+
+    def wait(self) -> None:
+        """Block until the pending async save (if any) is written and published."""
+        if self.background is not None and self.background.pending:
+            logger.info("waiting for the checkpoint of iteration %d to be written",
+                        self.pending_iteration)
+            self.finished_by_wait.append(self.pending_iteration)
+            with self._timed("blocked"):
+                self._finish(self.pending_iteration, self.background.wait)
+
+    @contextlib.contextmanager
+    def _timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
 
     @staticmethod
-    def _maybe_crash_for_test(iteration: int) -> None:
+    def _maybe_crash_for_test(iteration: int, written: bool = False) -> None:
         if os.environ.get(FAULT_CRASH_DURING_SAVE) == f"{dist.get_rank()}:{iteration}":
-            logger.error("%s: exiting in the middle of a save", FAULT_CRASH_DURING_SAVE)
+            logger.error("%s: exiting in the middle of a save (%s)", FAULT_CRASH_DURING_SAVE,
+                         "shards written" if written else "write in flight")
             os._exit(17)
 
     # -- load -----------------------------------------------------------------------------
@@ -180,6 +308,8 @@ class CheckpointManager:
         manifest = storage.read_manifest(directory)
         self._check_manifest(manifest, directory)
         storage.check_files(directory)
+        if not self.ckpt.no_ckpt_verify:
+            self._verify(directory, manifest)
         contents = Contents.to_load(self.ckpt, manifest, self.topology, self.precision)
         template = sharded_state(self.pieces, self.topology, contents, saving=False)
         try:
@@ -197,6 +327,22 @@ class CheckpointManager:
             logger.info("loaded checkpoint %s (iteration %d) in %.2f s", directory, iteration,
                         self.last_load_seconds)
         return iteration
+
+    def _verify(self, directory: Path, manifest: dict[str, Any]) -> None:
+        """Every file's checksum against the manifest; each rank reads its share of the files,
+        the world agrees on the problems (one error naming the first file, on every rank)."""
+        expected = manifest.get("checksums")
+        if expected is None:
+            if dist.get_rank() == 0:
+                logger.warning("%s has no checksums (saved before they were added): not verified",
+                               directory)
+            return
+        mine = integrity.share(integrity.by_size(expected), dist.get_rank(), dist.get_world_size())
+        found = sum(self._exchange("checkpoint load: checksums",
+                                   integrity.problems(directory, expected, mine)), [])
+        if found:
+            more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
+            raise CheckpointError(f"{found[0]}{more}; pass --no-ckpt-verify to load it anyway")
 
     def _check_manifest(self, manifest: dict[str, Any], directory: Path) -> None:
         """Warn on a megatron-core version change; log a world-size change (resharding)."""

@@ -13,6 +13,7 @@ A crash at any point leaves the tracker on the previous complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -83,6 +84,29 @@ def prepare_staging(root: str | Path, iteration: int) -> Path:
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
+
+
+def remove_stale(root: str | Path) -> list[str]:
+    """Remove the leftovers of saves and deletions a crash or a full disk interrupted (every
+    ``.tmp_*`` entry under ``root``); call once at start, before any save. Return their names."""
+    removed = []
+    for path in sorted(Path(root).glob(TMP_PREFIX + "*")) if Path(root).is_dir() else []:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
+
+
+def published_iterations(root: str | Path) -> list[int]:
+    """Iterations of the published checkpoints under ``root``, oldest first."""
+    found = []
+    for path in Path(root).glob("iter_*"):
+        suffix = path.name.removeprefix("iter_")
+        if path.is_dir() and suffix.isdigit():
+            found.append(int(suffix))
+    return sorted(found)
 
 
 def publish(root: str | Path, iteration: int) -> Path:
@@ -172,3 +196,37 @@ def _check_common(path: Path) -> None:
     except Exception as error:  # noqa: BLE001
         raise CheckpointError(f"{path} is unreadable as a torch.save file "
                               f"({type(error).__name__})") from None
+
+
+def _is_disk_full(error: BaseException, root: Path) -> bool:
+    """ENOSPC anywhere in the exception chain, or a filesystem left (almost) without space:
+    megatron-core's writer keeps only the failure's class ("error: <class 'OSError'>"), and
+    torch.save reports a full disk as "enforce fail at inline_container.cc"."""
+    usage = shutil.disk_usage(root)
+    if usage.free < min(usage.total // 100, 1 << 30):
+        return True
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(error)
+        if "No space left on device" in text or "Errno 28" in text:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def describe_write_failure(error: BaseException, root: str | Path, iteration: int) -> str:
+    """One line for a failed save: the directory, and whether the disk is full."""
+    root = Path(root)
+    kept = read_tracker(root) if (root / TRACKER_FILENAME).exists() else None
+    after = (f"{root / TRACKER_FILENAME} still names iteration {kept}" if kept is not None
+             else "no checkpoint was published")
+    if _is_disk_full(error, root):
+        free = shutil.disk_usage(root).free
+        return (f"cannot save the checkpoint of iteration {iteration} to {root}: the disk is full "
+                f"({free} bytes free); {after}; the partial {staging_dir(root, iteration).name} is "
+                f"removed at the next start")
+    detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return f"cannot save the checkpoint of iteration {iteration} to {root} ({detail}); {after}"

@@ -8,8 +8,11 @@ buffers and groups ``initialize_model_parallel`` would have made.
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
 import queue
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -33,6 +36,49 @@ def _in_process_save_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async._results_queue = queue.Queue()
+
+
+@contextmanager
+def results_queue_across_fork() -> Iterator[None]:
+    """An async save on megatron-core's own strategy writes in a *forked* process that reports
+    its write results through the module's results queue; the in-process queue above would stay
+    empty in the parent ("results_queue should not be empty" at finalisation). The writer of
+    this one save gets a fork-inherited pipe queue instead (no helper process, unlike the
+    spawn-context Manager megatron-core would start)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
+def _is_view_on_cpu(tensor: Any) -> bool:
+    return (isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu"
+            and tensor.is_contiguous()
+            and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size())
+
+
+def views_saved_without_copy(sharded: dict) -> int:
+    """Give every CPU tensor of a save that is a view into a larger buffer (every weight is a
+    view into DDP's contiguous parameter buffer) an alias with a storage of exactly its own
+    bytes; return how many. megatron-core's writer clones such views before writing (so that
+    ``torch.save`` does not write the whole buffer), which costs a copy of the model inside the
+    training loop — for an async save the whole stall. The alias shares the memory, so the
+    bytes written are the same; the forked writer sees them as they were at the fork."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    count = 0
+    for value in nested_values(sharded):
+        if isinstance(value, ShardedTensor) and _is_view_on_cpu(value.data):
+            data = value.data.detach()
+            raw = torch.from_numpy(data.reshape(-1).view(torch.uint8).numpy())
+            value.data = raw.view(data.dtype).view(data.shape)
+            count += 1
+    return count
 
 
 def _memory_buffer_missing() -> bool:
@@ -270,6 +316,13 @@ MCORE_WORKAROUNDS: tuple[Workaround, ...] = (
                ("dist_checkpointing/strategies/filesystem_async.py:53-66",),
                "a torch_dist save while no write-results queue exists",
                _in_process_save_queue, _save_queue_missing),
+    Workaround("results_queue_across_fork",
+               ("dist_checkpointing/strategies/filesystem_async.py:53-66,200",
+                "dist_checkpointing/strategies/async_utils.py:277-283"),
+               "an async torch_dist save on megatron-core's strategy (writer in a forked process)"),
+    Workaround("views_saved_without_copy",
+               ("dist_checkpointing/strategies/filesystem_async.py:146-166",),
+               "a torch_dist save of CPU tensors that are views into a larger buffer"),
     Workaround("global_memory_buffer", ("transformer/dot_product_attention.py:189",),
                "attention without initialize_model_parallel", _global_memory_buffer,
                _memory_buffer_missing),

@@ -11,6 +11,7 @@ from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig, 
 from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import (
     CheckpointConfig,
+    DataConfig,
     LoggingConfig,
     MimoConfig,
     OptimizerConfig,
@@ -19,7 +20,8 @@ from megatron_mimo.config.schema import (
 )
 
 __all__ = [
-    "BRANCHES", "IMAGES", "LANGUAGE", "BranchSpec", "CheckpointConfig", "ImagesModelConfig",
-    "LanguageModelConfig", "LoggingConfig", "MimoConfig", "OptimizerConfig", "ParallelismConfig", "PrecisionConfig",
+    "BRANCHES", "IMAGES", "LANGUAGE", "BranchSpec", "CheckpointConfig", "DataConfig",
+    "ImagesModelConfig", "LanguageModelConfig", "LoggingConfig", "MimoConfig", "OptimizerConfig",
+    "ParallelismConfig", "PrecisionConfig",
     "SchedulerConfig", "TrainingConfig", "TransformerSizes",
 ]

@@ -113,6 +113,21 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where training samples come from (no --data-path: deterministic mock samples)."""
+
+    data_path: str | None = None
+    """Energon dataset folder of image-caption samples (e.g. from `megatron-mimo data prepare-digits`)."""
+    num_workers: int = 0
+    """Energon worker processes per reader (0 = read in the training process)."""
+    blank_images: bool = False
+    """Feed all-zero images (ablation: the captions must then be guessed without the image)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Where to save and load checkpoints and what to include (Megatron's flag names)."""
 
@@ -140,6 +155,14 @@ class CheckpointConfig:
     """Save optimizer state 'fully_reshardable' (resumable under another TP/DP) instead of 'dp_reshardable'."""
     ckpt_timeout_s: int = 300
     """Bound on every checkpoint collective: a rank missing for this long becomes an error naming it."""
+    async_save: bool = False
+    """Write checkpoint shards in a background process while training continues; the checkpoint
+    is published once every rank has finished writing."""
+    no_ckpt_verify: bool = False
+    """Skip checking every file's checksum before a load (the file-size checks still run)."""
+    ckpt_keep_last: int | None = None
+    """Keep only the newest K checkpoints (older ones are deleted after a newer one is published);
+    None keeps all."""
 
     def __post_init__(self) -> None:
         _require(self.save_interval is None or self.save_interval >= 1,
@@ -147,6 +170,8 @@ class CheckpointConfig:
         _require(self.ckpt_step is None or self.ckpt_step >= 0,
                  f"checkpoint.ckpt_step must be >= 0, got {self.ckpt_step}")
         _require(self.ckpt_timeout_s >= 1, f"checkpoint.ckpt_timeout_s must be >= 1, got {self.ckpt_timeout_s}")
+        _require(self.ckpt_keep_last is None or self.ckpt_keep_last >= 1,
+                 f"checkpoint.ckpt_keep_last must be >= 1, got {self.ckpt_keep_last}")
 
     @property
     def optimizer_sharding_type(self) -> str:
@@ -191,6 +216,8 @@ class MimoConfig:
     """Training loop."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Model precision and the fp16 loss scaler."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -295,6 +322,7 @@ SECTION_TYPES: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "training": TrainingConfig,
     "precision": PrecisionConfig,
+    "data": DataConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
 }

@@ -1,1 +1,2 @@
-"""Training data: deterministic mock image-text samples and the per-branch resumable sampler."""
+"""Training data: mock samples or Energon datasets, read per rank so both branches see the same
+samples, with a per-rank state a checkpoint keeps (see docs/data.md)."""

@@ -62,6 +62,7 @@ class MockImageText:
         loss_mask = (labels != self.language.image_token_id).float()  # no loss on image slots
         loss_mask[:, -1] = 0.0  # the last position has no next token
         position_ids = torch.arange(seq).expand(len(indices), seq).clone()
+        answer_position = torch.full((len(indices),), image_len)  # label: the first text token
         return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": position_ids,
+                "position_ids": position_ids, "answer_position": answer_position,
                 "sample_index": torch.tensor(indices, dtype=torch.long)}

@@ -20,18 +20,25 @@ KNOWN_WARNINGS = (
     "CUDA_DEVICE_MAX_CONNECTIONS",
     r"`torch\.distributed\.\w+` is deprecated",
     "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    "'pin_memory' argument is set as true but no accelerator is found",
 )
 """Python warnings megatron-core and torch print on every process of a CPU run (no TE/apex,
 experimental MIMO API, deprecated collective names, a non-leaf ``.grad`` read inside
-megatron-core); none asks the user to do anything."""
+megatron-core, Energon's hard-coded ``pin_memory=True`` on a CPU); none asks the user to do
+anything."""
 
 KNOWN_RECORDS = (
     "full_param_layout not provided",
     "srcLeader=",
     "MCore's async save is deprecated",
+    "common state dict differs from rank 0",
+    "Local worker \\d+ encountered an error",
+    "An error is caught while starting worker",
 )
 """Third-party log records of the same kind (DDP's layout notice, the bridge's leader table, the
-async-save deprecation notice every torch_dist save logs)."""
+async-save deprecation notice every torch_dist save logs, the per-branch optimizer keys of the
+common state that megatron-core's first-save validation lists, and the checkpoint writer's raw
+failure lines, which the save reports as one CheckpointError naming the directory)."""
 
 QUIET_LOGGERS = ("torch.utils.cpp_extension",)
 """Loggers that warn at import on a machine without CUDA ("No CUDA runtime is found")."""

@@ -68,16 +68,19 @@ class MetricSinks:
                 self._writer.add_scalar(f"learning-rate/{branch}", lr, step)
             self._writer.add_scalar("tokens-per-second", record["tokens_per_s"], step)
 
-    def record_eval(self, iteration: int, loss: float) -> None:
-        """Write one evaluation result."""
+    def record_eval(self, iteration: int, loss: float, accuracy: float) -> None:
+        """Write one evaluation result: held-out loss and answer accuracy."""
         if not self.active:
             return
-        logger.info("validation loss at iteration %d: lm loss value: %.6E", iteration, loss)
+        logger.info("validation loss at iteration %d | lm loss value: %.6E | accuracy: %.2f %% |",
+                    iteration, loss, 100.0 * accuracy)
         if self._writer is not None:
             self._writer.add_scalar("lm loss validation", loss, iteration)
+            self._writer.add_scalar("accuracy validation", accuracy, iteration)
         if self.jsonl is not None:
             with self.jsonl.open("a") as out:
-                out.write(json.dumps({"iteration": iteration, "eval_loss": loss}) + "\n")
+                out.write(json.dumps({"iteration": iteration, "eval_loss": loss,
+                                      "eval_accuracy": accuracy}) + "\n")
 
     def close(self) -> None:
         """Flush TensorBoard."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -40,3 +41,22 @@ def gpt_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection | No
         "position_embedding_type": "rope", "share_embeddings_and_output_weights": False,
         **stage_flags(pgs), "pg_collection": pgs,
     })
+
+
+def count_correct_answers(logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                          tp: dist.ProcessGroup) -> torch.Tensor:
+    """Samples whose argmax over the whole vocabulary, at the position whose label is the
+    answer word, is that word. Logits are split over the language TP ranks by vocabulary: each
+    rank offers its best (value, id) and the TP group picks the highest."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    at_answer = logits[rows, batch["answer_position"]].float()  # [b, vocab / tp]
+    best, index = at_answer.max(dim=-1)
+    index = index + tp.rank() * at_answer.shape[-1]
+    candidates = [torch.empty_like(best) for _ in range(tp.size())]
+    ids = [torch.empty_like(index) for _ in range(tp.size())]
+    dist.all_gather(candidates, best, group=tp)
+    dist.all_gather(ids, index, group=tp)
+    winner = torch.stack(candidates).argmax(dim=0)
+    predicted = torch.stack(ids)[winner, rows]
+    answer = batch["labels"][rows, batch["answer_position"]]
+    return (predicted == answer).sum().float()

@@ -17,8 +17,7 @@ from megatron.core.process_groups_config import MultiModuleProcessGroupCollectio
 
 from megatron_mimo.config.layout import IMAGES, LANGUAGE
 from megatron_mimo.config.schema import MimoConfig
-from megatron_mimo.data.mock import MockImageText
-from megatron_mimo.data.sampler import BranchSampler
+from megatron_mimo.data.source import BranchData, build_branch_data
 from megatron_mimo.distributed.runtime import Runtime
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.common import TORCH_DTYPES
@@ -46,8 +45,8 @@ class Job:
     schedulers: BranchSchedulers
     bridge: BridgeCommunicator | None
     """Images -> language bridge of the one-stage step; None with language PP > 1."""
-    dataset: MockImageText
-    sampler: BranchSampler
+    data: BranchData
+    """This rank's part of every global batch (mock samples or Energon loaders)."""
     num_parameters: int = 0
     """Parameters of both branches (world-wide, TP shards added up once per branch); set by
     :func:`build_job`."""
@@ -99,18 +98,17 @@ def build_bridge(topology: Topology, dtype: torch.dtype) -> BridgeCommunicator:
 
 
 def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
-    """Seed, build the model, optimizer, schedulers, bridge and data for this rank."""
+    """Data first (a bad --data-path fails on every rank before any collective), then seed,
+    model, optimizer, schedulers and bridge of this rank."""
     branch = topology.my_branch
+    data = build_branch_data(cfg, branch, topology.dp_rank())
     seed_rank(cfg.training.seed, branch, topology.tp_rank())
     model = build_mimo_model(cfg, topology, runtime.device)
     optimizer = build_mimo_optimizer(cfg, model, topology, runtime.device)
     schedulers = build_schedulers(cfg, optimizer, topology)
     pipelined = cfg.language_parallel.pp > 1
     bridge = None if pipelined else build_bridge(topology, TORCH_DTYPES[cfg.precision.name])
-    spec = topology.spec(branch)
-    sampler = BranchSampler(cfg.job_micro_batch, spec.dp, topology.dp_rank())
-    dataset = MockImageText(cfg.images, cfg.language, cfg.training.seed)
-    job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, dataset, sampler)
+    job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, data)
     if pipelined:
         job.pipeline = build_pipeline_communicator(topology, model)
         job.schedule_pgs = schedule_process_groups(topology)
@@ -127,7 +125,9 @@ def count_parameters(job: Job) -> int:
 
 
 def destroy_job(job: Job) -> None:
-    """Release the job's process groups (bridge caches, branch grids); call on every rank."""
+    """Release the data loaders and the job's process groups (bridge caches, branch grids);
+    call on every rank."""
+    job.data.close()
     bridges = [job.bridge] if job.bridge is not None else job.pipeline.bridge_comms
     for bridge in bridges:
         bridge.destroy_broadcast_pgs()

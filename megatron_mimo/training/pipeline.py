@@ -31,7 +31,9 @@ from megatron.core.pipeline_parallel.schedules import (
 from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
 
 from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.data.source import TEXT_FIELDS, Batch
 from megatron_mimo.distributed.topology import Topology
+from megatron_mimo.models.language import count_correct_answers
 from megatron_mimo.models.vision import images_inputs
 
 if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages by this key
@@ -40,6 +42,9 @@ if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages 
 
 PIPELINE_TOPOLOGY = {IMAGES: [LANGUAGE], LANGUAGE: []}
 """Module DAG of the pipeline: images feed the first language stage."""
+
+REPORTED = ("loss_sum", "num_tokens", "correct", "answers")
+"""What the last stage reports per micro-batch, in the order of the step's sums."""
 
 COMM_METHODS = ("recv_forward", "send_forward", "send_forward_recv_backward",
                 "send_backward_recv_forward", "recv_backward", "send_backward")
@@ -64,38 +69,49 @@ def schedule_process_groups(topology: Topology) -> MultiModuleProcessGroupCollec
         language_model_module_name=LANGUAGE if branch == LANGUAGE else None)
 
 
-def _per_token_loss(loss_mask: torch.Tensor, loss_scale: float, token_loss: torch.Tensor):
-    """Loss function of the last stage: (sum to backprop, token count, unscaled sum + count).
+def _per_token_loss(loss_mask: torch.Tensor, loss_scale: float, extra: dict[str, torch.Tensor],
+                    token_loss: torch.Tensor):
+    """Loss function of the last stage: (sum to backprop, token count, what the step reports).
     The schedule divides nothing (``calculate_per_token_loss``); the world token count divides
     the gradients after the grad sync, as in the one-stage step."""
     loss_sum = (token_loss.float() * loss_mask).sum()
     num_tokens = loss_mask.sum()
-    return (loss_sum * loss_scale, num_tokens.int(),
-            {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach().float()})
+    reported = {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach().float()}
+    return loss_sum * loss_scale, num_tokens.int(), {**reported, **extra}
 
 
 def make_forward_step(job, forward_only: bool, timer) -> Callable:
     """The ``forward_step_func`` of this rank: images ranks encode pixels; language stages run
-    their layers (stage 0 merges the received image embeddings, the last stage the loss)."""
+    their layers (stage 0 merges the received image embeddings, the last stage the loss, and in
+    evaluation a second, logits-only pass that counts the correct answers)."""
     device, dtype = job.runtime.device, job.dtype
 
-    def images_step(indices: list[int], model):
-        pixels = job.dataset.pixels(indices).to(device, dtype)
+    def images_step(micro: Batch, model):
+        pixels = micro["pixels"].to(device, dtype)
         outputs, _ = model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
         # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
         return {IMAGES: outputs[IMAGES].to(dtype)}, None
 
-    def language_step(indices: list[int], model):
-        batch = {k: v.to(device) for k, v in job.dataset.tokens(indices).items()}
-        output, loss_mask = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                  attention_mask=None, loss_mask=batch["loss_mask"],
-                                  labels=batch["labels"])
+    def language_forward(model, batch: dict[str, torch.Tensor], labels: bool):
+        output, _ = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               attention_mask=None, loss_mask=batch["loss_mask"],
+                               labels=batch["labels"] if labels else None)
+        return output
+
+    def language_step(micro: Batch, model):
+        batch = {k: micro[k].to(device) for k in TEXT_FIELDS}
+        output = language_forward(model, batch, labels=True)
+        extra = {}
+        if forward_only and job.is_last_stage():
+            logits = language_forward(model, batch, labels=False)
+            extra = {"correct": count_correct_answers(logits, batch, job.topology.pgs().tp),
+                     "answers": torch.tensor(float(len(micro["keys"])), device=device)}
         scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
-        return output, partial(_per_token_loss, loss_mask, scale)
+        return output, partial(_per_token_loss, batch["loss_mask"], scale, extra)
 
     step = images_step if job.branch == IMAGES else language_step
 
-    def forward_step(data_iterator: Iterator[list[int]], model):
+    def forward_step(data_iterator: Iterator[Batch], model):
         start = time.perf_counter()
         with torch.set_grad_enabled(not forward_only):
             result = step(next(data_iterator), model)
@@ -135,20 +151,18 @@ def _untime_comms(communicator: MultiModulePipelineCommunicator) -> None:
             part.__dict__.pop(name, None)
 
 
-def pipeline_forward_backward(job, indices: list[list[int]], timer, forward_only: bool
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pipeline_forward_backward(job, batches: list[Batch], timer, forward_only: bool) -> torch.Tensor:
     """Run every micro-batch of one global batch through the 1F1B schedule; return this rank's
-    (loss sum, token count) — non-zero on the last language stage only."""
-    device = job.runtime.device
+    sums (loss, loss tokens, correct answers, answers), non-zero on the last language stage only."""
     communicator = job.pipeline
     _time_comms(communicator, timer)
     measured = ("forward", "bridge", "p2p")
     before = sum(timer.ms.get(k, 0.0) for k in measured)
     start = time.perf_counter()
     try:
-        losses = forward_backward_pipelining_without_interleaving(
+        reported = forward_backward_pipelining_without_interleaving(
             forward_step_func=make_forward_step(job, forward_only, timer),
-            data_iterator=iter(indices), model=[job.model], num_microbatches=len(indices),
+            data_iterator=iter(batches), model=[job.model], num_microbatches=len(batches),
             seq_length=job.cfg.language.seq_length,
             micro_batch_size=job.cfg.branch_micro_batch(job.branch),
             forward_only=forward_only, p2p_communicator=communicator,
@@ -158,9 +172,9 @@ def pipeline_forward_backward(job, indices: list[list[int]], timer, forward_only
     # compute outside the forward steps: the backward passes (and the schedule's bookkeeping)
     elapsed = (time.perf_counter() - start) * 1e3
     timer.ms["backward"] += elapsed - (sum(timer.ms.get(k, 0.0) for k in measured) - before)
-    loss_sum = torch.zeros((), device=device)
-    tokens = torch.zeros((), device=device)
-    for item in losses:
-        loss_sum += item["loss_sum"].to(device)
-        tokens += item["num_tokens"].to(device)
-    return loss_sum, tokens
+    sums = torch.zeros(4, device=job.runtime.device)
+    for item in reported:
+        for column, name in enumerate(REPORTED):
+            if name in item:
+                sums[column] += item[name].to(sums.device)
+    return sums

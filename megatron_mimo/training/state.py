@@ -24,6 +24,17 @@ class StepResult:
     phase_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """World-agreed outcome of one evaluation (identical on every rank)."""
+
+    loss: float
+    """Mean per-token loss over the held-out batches."""
+    accuracy: float
+    """Share of held-out samples whose answer word (the caption's last word; for mock samples
+    the first text token) is the argmax of the logits."""
+
+
 @dataclass
 class TrainState:
     """Progress of the run; with model, optimizer, schedulers, data and RNG, all a resume needs."""

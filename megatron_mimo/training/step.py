@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_mimo.config.layout import IMAGES, LANGUAGE
-from megatron_mimo.data.mock import EVAL_INDEX_BASE
+from megatron_mimo.data.source import TEXT_FIELDS, Batch
+from megatron_mimo.models.language import count_correct_answers
 from megatron_mimo.models.vision import images_inputs
 from megatron_mimo.training.job import Job
 from megatron_mimo.training.pipeline import pipeline_forward_backward
-from megatron_mimo.training.state import StepResult
+from megatron_mimo.training.state import EvalResult, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -47,32 +48,32 @@ class PhaseTimer:
             self.ms[name] += (time.perf_counter() - start) * 1e3
 
 
-def _images_forward(job: Job, indices: list[int], timer: PhaseTimer,
+def _images_forward(job: Job, batch: Batch, timer: PhaseTimer,
                     forward_only: bool) -> torch.Tensor:
-    pixels = job.dataset.pixels(indices).to(job.runtime.device, job.dtype)
+    pixels = batch["pixels"].to(job.runtime.device, job.dtype)
     with timer("images"), torch.set_grad_enabled(not forward_only):
         outputs, _ = job.model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
     # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
     return outputs[IMAGES].to(job.dtype)
 
 
-def _images_steps(job: Job, indices: list[list[int]], timer: PhaseTimer, forward_only: bool) -> None:
+def _images_steps(job: Job, batches: list[Batch], timer: PhaseTimer, forward_only: bool) -> None:
     """Images side of one global batch. The encoder computes micro-step m+1 while the language
     ranks work on m: send F0; then per m: forward m+1, receive grad m, backward m, send F(m+1).
     Bridge calls pair up in the order the language side makes them (recv F m, send grad m)."""
     if forward_only:
-        for micro in indices:
+        for micro in batches:
             embeddings = _images_forward(job, micro, timer, forward_only=True)
             with timer("bridge"):
                 job.bridge.send_forward(embeddings)
         return
-    pending = _images_forward(job, indices[0], timer, forward_only=False)
+    pending = _images_forward(job, batches[0], timer, forward_only=False)
     with timer("bridge"):
         job.bridge.send_forward(pending.detach())
-    for step in range(len(indices)):
+    for step in range(len(batches)):
         upcoming = None
-        if step + 1 < len(indices):
-            upcoming = _images_forward(job, indices[step + 1], timer, forward_only=False)
+        if step + 1 < len(batches):
+            upcoming = _images_forward(job, batches[step + 1], timer, forward_only=False)
         with timer("bridge"):
             grad = job.bridge.recv_backward()
         with timer("images"):
@@ -83,66 +84,79 @@ def _images_steps(job: Job, indices: list[list[int]], timer: PhaseTimer, forward
             pending = upcoming
 
 
-def _language_micro_step(job: Job, indices: list[int], timer: PhaseTimer,
-                         forward_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = {k: v.to(job.runtime.device) for k, v in job.dataset.tokens(indices).items()}
+def _language_forward(job: Job, batch: dict[str, torch.Tensor],
+                      image_embeddings: torch.Tensor, labels: bool) -> torch.Tensor:
+    """Per-token loss (``labels``) or this TP rank's vocabulary slice of the logits."""
+    job.model.set_input_tensor({IMAGES: image_embeddings})
+    output, _ = job.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                          attention_mask=None, loss_mask=batch["loss_mask"],
+                          labels=batch["labels"] if labels else None)
+    return output
+
+
+def _language_micro_step(job: Job, micro: Batch, timer: PhaseTimer,
+                         forward_only: bool) -> torch.Tensor:
+    """(loss sum, loss tokens, correct answers, answers) of one micro-batch on this rank."""
+    batch = {k: micro[k].to(job.runtime.device) for k in TEXT_FIELDS}
     with timer("bridge"):
         received = job.bridge.recv_forward()
     image_embeddings = received.detach().requires_grad_(not forward_only)
     with timer("language"), torch.set_grad_enabled(not forward_only):
-        job.model.set_input_tensor({IMAGES: image_embeddings})
-        token_loss, _ = job.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                  attention_mask=None, loss_mask=batch["loss_mask"],
-                                  labels=batch["labels"])
+        token_loss = _language_forward(job, batch, image_embeddings, labels=True)
         loss_sum = (token_loss.float() * batch["loss_mask"]).sum()
         if not forward_only:  # fp16: the loss scale (1 otherwise); unscaled in prepare_grads
             (loss_sum * job.optimizer.get_loss_scale().item()).backward()
     if not forward_only:
         with timer("bridge"):
             job.bridge.send_backward(image_embeddings.grad)
-    return loss_sum.detach(), batch["loss_mask"].sum()
+        correct = torch.zeros((), device=job.runtime.device)
+    else:
+        with timer("language"), torch.no_grad():
+            logits = _language_forward(job, batch, image_embeddings, labels=False)
+            correct = count_correct_answers(logits, batch, job.topology.pgs().tp)
+    answers = torch.tensor(float(len(micro["keys"])), device=job.runtime.device)
+    return torch.stack([loss_sum.detach(), batch["loss_mask"].sum(), correct, answers])
 
 
-def forward_backward(job: Job, consumed_samples: int, timer: PhaseTimer, forward_only: bool = False,
-                     index_base: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run every micro-step of one global batch; return this rank's (loss sum, token count).
-    With language PP > 1 megatron-core's 1F1B schedule runs them (:mod:`.pipeline`)."""
-    loss_sum = torch.zeros((), device=job.runtime.device)
-    tokens = torch.zeros((), device=job.runtime.device)
-    indices = [job.sampler.indices(consumed_samples, micro_step, base=index_base)
-               for micro_step in range(job.cfg.num_microbatches)]
+def forward_backward(job: Job, batches: list[Batch], timer: PhaseTimer,
+                     forward_only: bool = False) -> torch.Tensor:
+    """Run every micro-step of one global batch; return this rank's sums (loss, loss tokens,
+    correct answers, answers); zeros on images ranks. With language PP > 1 megatron-core's 1F1B
+    schedule runs them (:mod:`.pipeline`)."""
     if job.pipelined:
-        return pipeline_forward_backward(job, indices, timer, forward_only)
+        return pipeline_forward_backward(job, batches, timer, forward_only)
+    sums = torch.zeros(4, device=job.runtime.device)
     if job.branch == IMAGES:
-        _images_steps(job, indices, timer, forward_only)
-        return loss_sum, tokens
-    for micro in indices:
-        micro_loss, micro_tokens = _language_micro_step(job, micro, timer, forward_only)
-        loss_sum += micro_loss
-        tokens += micro_tokens
-    return loss_sum, tokens
+        _images_steps(job, batches, timer, forward_only)
+        return sums
+    for micro in batches:
+        sums += _language_micro_step(job, micro, timer, forward_only)
+    return sums
 
 
-def world_loss_and_tokens(job: Job, loss_sum: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
-    """Sum (loss, tokens) over the world, counting each language DP replica once (its TP rank 0
+def world_sums(job: Job, sums: torch.Tensor) -> list[float]:
+    """Sum per-rank totals over the world, counting each language DP replica once (its TP rank 0
     of the last pipeline stage, where the loss is)."""
     counts = job.branch == LANGUAGE and job.topology.tp_rank() == 0 and job.is_last_stage()
-    totals = torch.stack([loss_sum, tokens]) if counts else torch.zeros(2, device=job.runtime.device)
+    totals = sums if counts else torch.zeros_like(sums)
     dist.all_reduce(totals)
-    return totals[0].item(), int(totals[1].item())
+    return totals.tolist()
 
 
-def train_step(job: Job, consumed_samples: int) -> StepResult:
-    """One iteration on this rank, reading the global batch after ``consumed_samples``; every
-    rank runs the same world collectives in the same order."""
+def train_step(job: Job) -> StepResult:
+    """One iteration on this rank, reading its part of the next global batch; every rank runs
+    the same world collectives in the same order."""
     timer = PhaseTimer()
     ddp = job.branch_ddp
     ddp.zero_grad_buffer()
     job.optimizer.zero_grad()
-    loss_sum, tokens = forward_backward(job, consumed_samples, timer)
+    with timer("data"):
+        batches = job.data.next_global_batch()
+    sums = forward_backward(job, batches, timer)
     with timer("grad_sync"):
         ddp.finish_grad_sync()
-        total_loss, total_tokens = world_loss_and_tokens(job, loss_sum, tokens)
+        total_loss, total_tokens, _, _ = world_sums(job, sums)
+        total_tokens = int(total_tokens)
         ddp.scale_gradients(1.0 / max(total_tokens, 1))
     with timer("optimizer"):
         success, grad_norm, _ = job.optimizer.step()
@@ -153,19 +167,17 @@ def train_step(job: Job, consumed_samples: int) -> StepResult:
                       loss_scale=job.optimizer.get_loss_scale().item(), phase_ms=dict(timer.ms))
 
 
-def evaluate(job: Job) -> float:
-    """Mean per-token loss over ``eval_iters`` held-out global batches (no gradients)."""
+def evaluate(job: Job) -> EvalResult:
+    """Mean per-token loss and answer accuracy over ``eval_iters`` held-out global batches
+    (no gradients; the training data position does not move)."""
     timer = PhaseTimer()
     job.model.eval()
-    total_loss, total_tokens = 0.0, 0
+    totals = [0.0] * 4
     try:
-        for batch in range(job.cfg.training.eval_iters):
-            consumed = batch * job.cfg.training.global_batch_size
-            loss_sum, tokens = forward_backward(job, consumed, timer, forward_only=True,
-                                                index_base=EVAL_INDEX_BASE)
-            batch_loss, batch_tokens = world_loss_and_tokens(job, loss_sum, tokens)
-            total_loss += batch_loss
-            total_tokens += batch_tokens
+        for batches in job.data.eval_batches(job.cfg.training.eval_iters):
+            sums = world_sums(job, forward_backward(job, batches, timer, forward_only=True))
+            totals = [total + value for total, value in zip(totals, sums, strict=True)]
     finally:
         job.model.train()
-    return total_loss / max(total_tokens, 1)
+    loss, tokens, correct, answers = totals
+    return EvalResult(loss=loss / max(tokens, 1), accuracy=correct / max(answers, 1))

@@ -20,7 +20,6 @@ from megatron_mimo.checkpoint.contents import Pieces
 from megatron_mimo.checkpoint.manager import CheckpointManager
 from megatron_mimo.config.layout import branch_of
 from megatron_mimo.config.schema import MimoConfig
-from megatron_mimo.data.sampler import DataPosition
 from megatron_mimo.distributed.runtime import (
     Runtime,
     destroy_distributed,
@@ -32,7 +31,13 @@ from megatron_mimo.errors import CheckpointError
 from megatron_mimo.metrics.log import setup_logging
 from megatron_mimo.metrics.sinks import MetricSinks
 from megatron_mimo.training.job import Job, build_job, destroy_job
-from megatron_mimo.training.state import SkipHistory, StepResult, TrainState, iteration_record
+from megatron_mimo.training.state import (
+    EvalResult,
+    SkipHistory,
+    StepResult,
+    TrainState,
+    iteration_record,
+)
 from megatron_mimo.training.step import evaluate, train_step
 from megatron_mimo.training.stopping import EXIT_STOPPED_EARLY, StopRequests
 
@@ -49,7 +54,6 @@ class Trainer:
         check_groups(topology, runtime.device)
         self.job: Job = build_job(cfg, runtime, topology)
         self.state = TrainState()
-        self.position = DataPosition()
         self.last_result: StepResult | None = None
         self.last_saved = 0
         log = cfg.logging
@@ -70,16 +74,16 @@ class Trainer:
     def pieces(self) -> Pieces:
         """The stateful pieces a checkpoint of this run holds."""
         return Pieces(model=self.job.model, optimizer=self.job.optimizer,
-                      schedulers=self.job.schedulers.schedulers, data=self.position,
+                      schedulers=self.job.schedulers.schedulers, data=self.job.data,
                       events=SkipHistory(self.state), train_state=self.state)
 
     def load(self) -> bool:
         """Load --load's checkpoint (if any) into this run; True when one was loaded."""
         if self.checkpoints is None or self.checkpoints.load() is None:
             return False
-        if self.position.consumed_samples != self.state.consumed_samples:
+        if self.job.data.consumed_samples != self.state.consumed_samples:
             raise CheckpointError(
-                f"{self.branch} data position {self.position.consumed_samples} disagrees with the "
+                f"{self.branch} data position {self.job.data.consumed_samples} disagrees with the "
                 f"train state ({self.state.consumed_samples} consumed samples)")
         self.last_saved = self.state.iteration
         return True
@@ -88,15 +92,15 @@ class Trainer:
         """Train one iteration; return its metrics record (identical on every rank)."""
         start = time.perf_counter()
         batch = self.cfg.training.global_batch_size
-        result = train_step(self.job, self.position.consumed_samples)
+        result = train_step(self.job)
         self.state.advance(result, batch, self.job.num_parameters)
-        self.position.advance(batch)
         self.last_result = result
         return iteration_record(self.state, result, self.job.schedulers.lrs(),
                                 time.perf_counter() - start)
 
-    def evaluate(self) -> float:
-        """Mean per-token loss on the held-out batches (no parameter or RNG-stream change)."""
+    def evaluate(self) -> EvalResult:
+        """Loss and answer accuracy on the held-out batches (no parameter, RNG-stream or
+        data-position change)."""
         return evaluate(self.job)
 
     def save(self) -> Path:
@@ -121,9 +125,12 @@ class Trainer:
             self.sinks.record(record, print_line=iteration % self.cfg.logging.log_interval == 0
                               or iteration == 1)
             if training.eval_interval and iteration % training.eval_interval == 0:
-                self.sinks.record_eval(iteration, self.evaluate())
+                result = self.evaluate()
+                self.sinks.record_eval(iteration, result.loss, result.accuracy)
             if saving and ckpt.save_interval and iteration % ckpt.save_interval == 0:
                 self.save()
+            if self.checkpoints is not None:
+                self.checkpoints.poll()  # publishes a finished async save
             if training.exit_interval and iteration % training.exit_interval == 0:
                 logger.info("exiting at iteration %d (--exit-interval %d)", iteration,
                             training.exit_interval)
@@ -135,20 +142,23 @@ class Trainer:
                 break
         if saving and self.last_saved != self.state.iteration:
             self.save()
+        if self.checkpoints is not None:
+            self.checkpoints.wait()  # exit only with the last checkpoint published
         return records
 
-    def close(self) -> None:
-        """Release sinks, the checkpoint group and the job's process groups (every rank)."""
+    def close(self, failed: bool = False) -> None:
+        """Finish a pending checkpoint save (kill its writers instead when the run ``failed``:
+        the other ranks may never join), release sinks and process groups (every rank)."""
         self.sinks.close()
         if self.checkpoints is not None:
-            self.checkpoints.close()
+            self.checkpoints.close(abort=failed)
         destroy_job(self.job)
 
     def __enter__(self) -> Trainer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 @contextmanager

@@ -1,13 +1,19 @@
 """Checkpoint structure and failure handling: uneven shards, constant structure with optional
 state, mismatched or missing ranks, a rank killed in the middle of a save."""
 
+import json
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 
-from tests.harness import run_world
+from tests.harness import REPO_ROOT, run_world
 
 pytestmark = pytest.mark.dist
 
-WORKER = "tests.workers.ckpt_world"
+WORKER = "tests.workers.ckpt_failure_world"
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +53,58 @@ def test_missing_rank_becomes_a_bounded_error_naming_it(features):  # mode 3
     assert "3" in survivors[0]["error"]  # rank 0 reports which rank never arrived
 
 
-def test_rank_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path):  # mode 9
+def _records(root, rank):
+    return [json.loads(line) for line in (root / f"records_rank{rank}.jsonl").read_text().splitlines()]
+
+
+def _survivors(root):
+    """Processes (ranks or their writers) still running on ``root`` once the world is gone."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(root) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_rank_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):  # modes 9, 15
+    # sync: rank 1 dies after writing its shards, before the publish; async: rank 1 dies while
+    # its background writer is still writing (slowed down by the test hook)
     root = tmp_path / "crash"
+    overrides = {"checkpoint.async_save": True} if mode == "async" else {}
+    env = {"MIMO_FAULT_CRASH_DURING_SAVE": "1:2"}
+    if mode == "async":
+        env["MIMO_FAULT_SLOW_WRITE"] = "2:60"
     with pytest.raises(AssertionError, match="exited with"):
-        run_world(WORKER, 2, {"mode": "crash", "root": str(root), "iterations": 3}, timeout=200,
-                  extra_env={"MIMO_FAULT_CRASH_DURING_SAVE": "1:2"})
+        run_world(WORKER, 2, {"mode": "crash", "root": str(root), "iterations": 3,
+                              "overrides": overrides}, timeout=200, extra_env=env)
+    time.sleep(0.5)
+    assert _survivors(root) == []  # no writer outlives its rank
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
     assert (root / ".tmp_iter_0000002").exists() and not (root / "iter_0000002").exists()
-    resumed = run_world(WORKER, 2, {"mode": "crash", "root": str(root), "iterations": 1}, timeout=200)
-    assert all(r["start"] == 1 and r["records"][0]["iteration"] == 2 for r in resumed)
+    crashed = [_records(root, rank) for rank in range(2)]
+    for rank in range(2):
+        (root / f"records_rank{rank}.jsonl").unlink()
+    resumed = run_world(WORKER, 2, {"mode": "crash", "root": str(root), "iterations": 1,
+                                    "overrides": overrides}, timeout=200)
+    for rank, outcome in enumerate(resumed):
+        assert outcome["start"] == 1
+        assert outcome["records"] == [crashed[rank][1]]  # iteration 2 again, bit for bit
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert not (root / ".tmp_iter_0000002").exists()
 
 
 @pytest.fixture(scope="module")
-def corrupt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corrupt")
-    return run_world(WORKER, 2, {"mode": "corrupt", "root": str(root)}, timeout=300)
+def corrupt_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("corrupt")
+
+
+@pytest.fixture(scope="module")
+def corrupt(corrupt_root):
+    return run_world(WORKER, 2, {"mode": "corrupt", "root": str(corrupt_root)}, timeout=300)
 
 
 @pytest.mark.parametrize("damage, file_named, words", [
@@ -73,6 +114,7 @@ def corrupt(tmp_path_factory):
     ("garbage_common", "/common.pt", "is unreadable"),
     ("garbage_manifest", "/mimo_manifest.json", "is corrupt"),
     ("garbage_tracker", "/latest_checkpointed_iteration.txt", "not an iteration number"),
+    ("flipped_bit", ".distcp", "is corrupt: its xxh3_128 checksum"),  # mode 14
 ])
 def test_damaged_checkpoint_is_one_error_naming_the_file(corrupt, damage, file_named, words):
     for rank in corrupt:  # every rank fails the same way, before any tensor is read
@@ -81,3 +123,94 @@ def test_damaged_checkpoint_is_one_error_naming_the_file(corrupt, damage, file_n
         assert outcome["type"] == "CheckpointError", outcome
         assert file_named in outcome["error"] and words in outcome["error"], outcome
         assert "\n" not in outcome["error"]  # one line
+
+
+def test_retention_keeps_the_newest_k(corrupt):
+    for rank in corrupt:  # three saves with --ckpt-keep-last 2
+        assert rank["kept"] == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+
+
+def _tool(*args):
+    done = subprocess.run([sys.executable, "-m", "megatron_mimo.main", "checkpoint", *map(str, args)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
+    return done.returncode, done.stdout.strip().splitlines()
+
+
+def test_verify_tool_passes_a_sound_checkpoint_and_names_each_damaged_file(corrupt, corrupt_root,
+                                                                         capsys):
+    code, lines = _tool("verify", corrupt_root / "good")
+    assert code == 0 and lines == [f"ok: {corrupt_root / 'good' / 'iter_0000003'}: complete, "
+                                   "every checksum matches"]
+    code, lines = _tool("verify", corrupt_root / "flipped_bit")
+    assert code == 1 and len(lines) == 1 and "__" in lines[0] and "is corrupt" in lines[0], lines
+    from megatron_mimo.checkpoint.tools import main as tools  # the other cases in this process
+
+    for damage, words in (("truncated_shard", "is truncated"), ("missing_shard", "is missing"),
+                          ("garbage_metadata", ".metadata is unreadable"),
+                          ("garbage_common", "common.pt is unreadable"),
+                          ("garbage_manifest", "mimo_manifest.json is corrupt"),
+                          ("garbage_tracker", "not an iteration number")):
+        assert tools(["verify", str(corrupt_root / damage)]) == 1
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], (damage, lines)
+
+
+def test_inspect_tool_prints_what_the_checkpoint_holds(corrupt, corrupt_root):
+    code, lines = _tool("inspect", corrupt_root / "good")
+    assert code == 0
+    shown = json.loads("\n".join(lines))
+    assert shown["iteration"] == 3 and shown["world_size"] == 2
+    assert shown["layouts"]["language"] == {"tp": 1, "dp": 1, "pp": 1, "offset": 1}
+    assert shown["train_state"]["consumed_samples"] == 24 and shown["train_state"]["consumed_tokens"] > 0
+    assert {name: s["num_steps"] for name, s in shown["lr_schedule"].items()} == {"images": 3, "language": 3}
+    assert set(shown["bytes_by_branch_and_dtype"]["language"]) == {"float32", "objects"}
+    assert shown["config"]["checkpoint"]["ckpt_keep_last"] == 2
+
+
+def test_kill_during_deletion_leaves_every_remaining_checkpoint_loadable(corrupt, corrupt_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "retention"
+    shutil.copytree(corrupt_root / "good", root)  # iterations 2 and 3, tracker at 3
+    prune = f"from megatron_mimo.checkpoint import retention; retention.prune({str(root)!r}, 1)"
+    done = subprocess.run([sys.executable, "-c", prune], cwd=REPO_ROOT, timeout=60,
+                          env={"PYTHONPATH": str(REPO_ROOT), "MIMO_FAULT_CRASH_DURING_PRUNE": "1"})
+    assert done.returncode == 17  # killed between moving iteration 2 aside and deleting it
+    assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000003"]
+    from megatron_mimo.checkpoint.storage import remove_stale
+    from megatron_mimo.checkpoint.tools import main as tools
+
+    assert tools(["verify", str(root)]) == 0
+
+    assert remove_stale(root) == [".tmp_deleting_iter_0000002"]
+
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: one checkpoint of the two-rank layout (~3.7 MB) fits, two do not."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'not root'})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_is_one_line_naming_the_directory_and_latest_stays(small_disk):
+    outcome = run_world(WORKER, 2, {"mode": "disk_full", "root": str(small_disk)}, timeout=200)
+    root = small_disk / "ckpt"
+    for rank in outcome:
+        for attempt in ("sync", "async"):
+            failed = rank[attempt]
+            assert failed["type"] == "CheckpointError", failed
+            assert f"to {root}: the disk is full" in failed["error"] and "\n" not in failed["error"]
+            assert "still names iteration 1" in failed["error"]
+            assert failed["tracker"] == 1
+    assert outcome[0]["sync"]["leftovers"] == [".tmp_iter_0000002"]
+    assert outcome[0]["leftovers_at_start"] == [[], []]  # the next start removed it
+    assert outcome[0]["leftovers_at_last_start"] == []
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"

@@ -18,7 +18,9 @@ NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tin
 PP2 = "images_tp1dp2_language_pp2"  # language TP1xDP1xPP2 (own fixtures below), fully_reshardable
 RANKS = {A: 4, B: 4, TWO_RANKS: 2, NEMOTRON: 4}
 FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
-OVERRIDES = {A: {}, B: FULLY, TWO_RANKS: {}, NEMOTRON: {}}
+ASYNC = {"checkpoint.async_save": True}
+OVERRIDES = {A: {}, B: {**FULLY, **ASYNC}, TWO_RANKS: ASYNC, NEMOTRON: {}}
+"""B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves."""
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +189,22 @@ def test_fully_reshardable_resumes_under_another_layout(saved, resumed):
         assert rank["foreign"]["eval"] == pytest.approx(saved_eval, rel=1e-5)
 
 
+@pytest.mark.parametrize("layout", [B, TWO_RANKS])
+def test_async_save_pending_at_exit_interval_is_published_before_exit(root, saved, layout):
+    # --exit-interval stopped the loop right after the save at N was handed to the background
+    # writer; the run waited for it, published it, and the resume tests above load it.
+    for rank in saved[layout]:
+        assert rank["finished_by_wait"] == [N]
+    assert (root / layout / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
+
+
+def test_sync_save_never_waits(saved):
+    assert all(rank["finished_by_wait"] == [] for rank in saved[A])
+
+
 def test_save_starts_no_helper_process(saved):
-    # megatron-core's first save would spawn a multiprocessing Manager (~13 s here)
+    # megatron-core's first save would spawn a multiprocessing Manager (~13 s here); an async
+    # save's forked writer is joined once the save is published
     assert all(not rank["helper_processes_after_save"] for layout in saved.values() for rank in layout)
 
 

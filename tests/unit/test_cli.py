@@ -141,3 +141,9 @@ def test_dry_run_prints_pipeline_stages(capsys):
     assert "language TP1xDP1xPP2 on ranks 2-3" in out
     assert "2 stages x 2 layer(s)" in out
     assert "language stage 0: 83,328 parameters" in out and "language stage 1: 83,456 parameters" in out
+
+
+def test_data_command_runs_without_torchrun_and_reports_one_line(tmp_path, capsys):
+    assert main(["data", "prepare-digits", str(tmp_path)]) == 1  # exists already
+    err = capsys.readouterr().err.strip()
+    assert err == f"megatron-mimo: error: {tmp_path} already exists: choose another folder or delete it"

@@ -75,3 +75,36 @@ def test_data_position_round_trips_and_advances():
     restored = DataPosition()
     restored.load_state_dict(position.state_dict())
     assert restored.consumed_samples == 16 and restored.state_dict() == {"consumed_samples": 16}
+
+
+def _mock_source(branch: str, dp_rank: int = 0, dp: int = 2, blank: bool = False):
+    from megatron_mimo.data.source import MockSource
+
+    cfg = tiny_cpu()
+    return MockSource(MockImageText(cfg.images, cfg.language, seed=7),
+                      BranchSampler(job_micro_batch=4, dp_size=dp, dp_rank=dp_rank),
+                      branch=branch, num_microbatches=2, global_batch_size=8, blank_images=blank)
+
+
+def test_mock_source_gives_each_branch_its_fields_and_advances():
+    images, language = _mock_source("images", 1), _mock_source("language", 0, dp=1)
+    image_batches, text_batches = images.next_global_batch(), language.next_global_batch()
+    assert set(image_batches[0]) == {"keys", "pixels"}
+    assert {"input_ids", "labels", "loss_mask", "answer_position"} <= set(text_batches[0])
+    assert images.last_keys == [["2", "3"], ["6", "7"]]  # DP rank 1's half of each micro-step
+    assert language.last_keys == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
+    assert images.consumed_samples == language.consumed_samples == 8
+    blank = _mock_source("images", 1, blank=True).next_global_batch()
+    assert blank[0]["pixels"].abs().sum() == 0 and image_batches[0]["pixels"].abs().sum() > 0
+
+
+def test_mock_source_state_round_trips_and_refuses_real_data_state():
+    source = _mock_source("language")
+    source.next_global_batch()
+    restored = _mock_source("language")
+    restored.load_state_dict(source.state_dict())
+    assert restored.upcoming_indices() == source.upcoming_indices() == [8, 9]
+    restored.restart_at(24)
+    assert restored.upcoming_indices() == [24, 25]
+    with pytest.raises(DataError, match="trained on --data-path /data/x"):
+        restored.load_state_dict({"consumed_samples": 8, "record": {"data_path": "/data/x"}})

@@ -32,10 +32,12 @@ def test_jsonl_sink_round_trips_floats_exactly(tmp_path, caplog):
     record = {**RECORD, "loss": 0.1 + 0.2}
     with caplog.at_level(logging.INFO):
         sinks.record(record, print_line=True)
-        sinks.record_eval(10, 3.5)
+        sinks.record_eval(10, 3.5, 0.75)
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert lines[0]["loss"] == 0.1 + 0.2 and lines[1] == {"iteration": 10, "eval_loss": 3.5}
+    assert lines[0]["loss"] == 0.1 + 0.2 and lines[1] == {"iteration": 10, "eval_loss": 3.5,
+                                                                 "eval_accuracy": 0.75}
     assert "lm loss" in caplog.text and "validation loss at iteration 10" in caplog.text
+    assert "accuracy: 75.00 %" in caplog.text
 
 
 def test_inactive_sink_writes_nothing(tmp_path):

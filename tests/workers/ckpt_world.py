@@ -1,20 +1,17 @@
-"""Checkpoint worlds: straight vs saved-and-resumed runs, flags, structure, failures.
+"""Checkpoint worlds: straight vs saved-and-resumed runs and the load flags, plus the ``Run``
+probes they share with :mod:`tests.workers.ckpt_failure_world`.
 
 Modes (args["mode"]):
   "straight_and_saved"  2N iterations straight; then N iterations, save, stop (same processes)
-  "resumed"            fresh processes: load that checkpoint, check it, train N more
-  "probe"              only load other layouts' checkpoints (foreign_roots) and report
+  "resumed"             fresh processes: load that checkpoint, check it, train N more
+  "probe"               only load other layouts' checkpoints (foreign_roots) and report
+  "flags"               load one checkpoint several times with --no-load-* / --finetune
 Every record is the production iteration record (``Trainer.step()``).
-  "flags"    load one checkpoint several times with --no-load-* / --finetune
-  "features" uneven DP3 optimizer shards, constant structure with optional state, mismatches
-  "crash"    train with a save every iteration while a rank dies inside one save
-  "corrupt"  load damaged copies of one checkpoint (truncated shard, garbage metadata, ...)
 """
 
 from __future__ import annotations
 
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +125,7 @@ class Run:
         from megatron_mimo.checkpoint.rng import capture_rng, restore_rng
 
         saved = capture_rng()
-        loss = self.trainer.evaluate()
+        loss = self.trainer.evaluate().loss
         restore_rng(saved)
         return loss
 
@@ -148,7 +145,7 @@ class Run:
         return draws
 
     def next_indices(self) -> list[int]:
-        return self.job.sampler.indices(self.trainer.position.consumed_samples, 0)
+        return self.job.data.upcoming_indices()
 
     def adam_state(self) -> list[dict[str, torch.Tensor]]:
         from megatron_mimo.checkpoint.contents import inner_optimizers
@@ -186,9 +183,14 @@ def mode_straight_and_saved(args: dict) -> dict:
         if it + 1 == N:
             snapshot = {"rng": run_a.rng_draws(), "indices": run_a.next_indices()}
     run_a.close()
-    run_b = Run(make_cfg(layout, {"checkpoint.save": root, **extra}))
-    b_records = [exact(run_b.step(inject_overflow=it + 1 == overflow_at)) for it in range(N)]
-    run_b.save()
+    # the production loop stops at --exit-interval right after requesting the save at N
+    run_b = Run(make_cfg(layout, {"checkpoint.save": root, "checkpoint.save_interval": N,
+                                  "training.exit_interval": N, **extra}))
+    if overflow_at:  # an injected overflow needs single steps
+        b_records = [exact(run_b.step(inject_overflow=it + 1 == overflow_at)) for it in range(N)]
+        run_b.save()
+    else:
+        b_records = [exact(record) for record in run_b.trainer.run()]
     torch.save(run_b.main_params(), Path(root) / f"main_rank{dist.get_rank()}.pt")
     import psutil
 
@@ -197,7 +199,8 @@ def mode_straight_and_saved(args: dict) -> dict:
     torch.save(adam, Path(root) / f"adam_rank{dist.get_rank()}.pt")
     out = {"straight": a_records, "until_save": b_records, "snapshot": snapshot, "eval_at_save": run_b.eval_loss(),
            "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch,
-           "helper_processes_after_save": helpers, "scaler_at_save": run_b.scaler_state()}
+           "helper_processes_after_save": helpers, "scaler_at_save": run_b.scaler_state(),
+           "finished_by_wait": list(run_b.manager.finished_by_wait)}  # before close() waits
     run_b.close()
     return out
 
@@ -287,103 +290,8 @@ def mode_flags(args: dict) -> dict:
     return out
 
 
-def mode_features(args: dict) -> dict:
-    root, out = args["root"], {}
-    run = Run(make_cfg(UNEVEN, {"checkpoint.save": root, "checkpoint.ckpt_timeout_s": 5}))
-    shard = sum(p.numel() for opt_group in run.job.optimizer.param_groups for p in opt_group["params"])
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (run.job.branch, shard))
-    out["shards"] = gathered
-    run.step()
-    run.save()
-    first = run.manager.last_fingerprint
-    run.step(inject_found_inf=True)  # optional state (skip history) becomes non-empty
-    run.save()
-    out["fingerprints"] = [first, run.manager.last_fingerprint]
-    out["eval_at_save"] = run.eval_loss()
-    run.close()
-    reload = Run(make_cfg(UNEVEN, {"checkpoint.load": root, "checkpoint.save": root + "_again",
-                                   "checkpoint.ckpt_timeout_s": 5}))
-    reload.load()
-    out["reloaded"] = {"iteration": reload.state.iteration, "skipped_at": reload.state.skipped_at,
-                       "eval": reload.eval_loss()}
-    out["mismatch"] = _save_error(reload, bump_iteration_on_rank=dist.get_world_size() - 1)
-    out["missing"] = _save_error(reload, skip_on_rank=dist.get_world_size() - 1)
-    return out
-
-
-def _save_error(run: Run, bump_iteration_on_rank: int | None = None,
-                skip_on_rank: int | None = None) -> dict:
-    rank = dist.get_rank()
-    if rank == skip_on_rank:
-        time.sleep(run.cfg.checkpoint.ckpt_timeout_s + 5)  # busy elsewhere, never saves
-        return {"skipped": True}
-    iteration = run.state.iteration + (rank == bump_iteration_on_rank)
-    start = time.monotonic()
-    try:
-        run.manager.save(iteration)
-        return {"error": None}
-    except Exception as error:  # noqa: BLE001
-        return {"error": f"{type(error).__name__}: {error}", "seconds": time.monotonic() - start}
-
-
-def mode_crash(args: dict) -> dict:
-    run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": args["root"],
-                                   "checkpoint.load": args["root"], "checkpoint.ckpt_timeout_s": 10}))
-    run.load()
-    start = run.state.iteration
-    records = []
-    for _ in range(args["iterations"]):
-        records.append(exact(run.step()))
-        run.save()
-    run.close()
-    return {"start": start, "records": records}
-
-
-CORRUPTIONS = {
-    "truncated_shard": lambda d: _truncate(next(d.glob("*.distcp"))),
-    "missing_shard": lambda d: next(d.glob("*.distcp")).unlink(),
-    "garbage_metadata": lambda d: (d / ".metadata").write_bytes(b"not a pickle\n" * 8),
-    "garbage_common": lambda d: (d / "common.pt").write_bytes(b"\x00garbage" * 16),
-    "garbage_manifest": lambda d: (d / "mimo_manifest.json").write_text("{ not json"),
-    "garbage_tracker": lambda d: (d.parent / "latest_checkpointed_iteration.txt").write_text("x1\n"),
-}
-"""Ways a checkpoint on disk gets damaged; each must give one CheckpointError naming the file."""
-
-
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def mode_corrupt(args: dict) -> dict:
-    """Save one checkpoint, then load a damaged copy of it once per kind of damage."""
-    import shutil
-
-    root = Path(args["root"])
-    run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root / "good")}))
-    run.step()
-    run.save()
-    run.close()
-    out = {}
-    for name, damage in CORRUPTIONS.items():
-        copy = root / name
-        if dist.get_rank() == 0:
-            shutil.copytree(root / "good", copy)
-            damage(copy / f"iter_{1:07d}")
-        dist.barrier()
-        probe = Run(make_cfg(TWO_RANKS, {"checkpoint.load": str(copy)}))
-        try:
-            probe.load()
-            out[name] = {"error": None}
-        except Exception as error:  # noqa: BLE001 - the type and message are what is checked
-            out[name] = {"type": type(error).__name__, "error": str(error)}
-        probe.close()
-    return out
-
-
-MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed, "probe": mode_probe, "flags": mode_flags, "features": mode_features,
-         "crash": mode_crash, "corrupt": mode_corrupt}
+MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed,
+         "probe": mode_probe, "flags": mode_flags}
 
 
 def body(args: dict) -> Any:

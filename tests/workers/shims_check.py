@@ -87,6 +87,50 @@ def _checks():
             "hybrid_final_norm": hybrid_final_norm}
 
 
+def _async_save(across_fork: bool) -> str:
+    """One async torch_dist save through megatron-core's AsyncCallsQueue (a forked writer)."""
+    import contextlib
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    from megatron_mimo.compat.mcore import results_queue_across_fork
+
+    with tempfile.TemporaryDirectory() as directory:
+        state = {"x": ShardedTensor.from_rank_offsets("x", torch.arange(4.0))}
+        with results_queue_across_fork() if across_fork else contextlib.nullcontext():
+            request = dist_checkpointing.save(state, directory, async_sharded_save=True,
+                                              async_strategy="mcore")
+        calls = AsyncCallsQueue()
+        calls.schedule_async_request(request)
+        try:
+            calls.maybe_finalize_async_calls(blocking=True)
+        except BaseException as failure:  # torch's CheckpointException is a BaseException
+            raise RuntimeError(" ".join(str(failure).split())) from None
+        return sorted(p.name for p in Path(directory).iterdir())[0]
+
+
+def _view_written_in_place(alias: bool) -> bool:
+    """Does megatron's writer keep a view of a bigger buffer as is (no copy in the loop)?"""
+    import tempfile
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from megatron_mimo.compat.mcore import views_saved_without_copy
+
+    buffer = torch.arange(16.0)
+    state = {"w": ShardedTensor.from_rank_offsets("w", buffer[4:12])}
+    if alias:
+        views_saved_without_copy(state)
+    with tempfile.TemporaryDirectory() as directory:
+        request = TorchDistSaveShardedStrategy().async_save(state, Path(directory), "mcore")
+        [(_, _, (_, [(_, written)]))] = request.async_fn_args[1]
+        return written.data_ptr() == buffer[4:12].data_ptr()
+
+
 def main() -> None:
     quiet_third_party()
     result_path = Path(sys.argv[2])
@@ -104,7 +148,12 @@ def main() -> None:
     after = {name: _attempt(fn) for name, fn in checks.items()}
     import torch._dynamo
 
-    out = {"before": before, "after": after, "applied": sorted(applied()),
+    # call-site workaround results_queue_across_fork, with every process workaround applied
+    after["async_save_across_fork"] = _attempt(lambda: _async_save(across_fork=True))
+    after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
+    out = {"view_in_place_without_alias": _attempt(lambda: _view_written_in_place(alias=False)),
+           "async_save_without_fork_queue": _attempt(lambda: _async_save(across_fork=False)),
+           "before": before, "after": after, "applied": sorted(applied()),
            "all": sorted(w.name for w in ALL_WORKAROUNDS if w.apply is not None),
            "reapply": apply_process_workarounds(cpu=True),
            "dynamo_disabled": torch._dynamo.config.disable}

@@ -1,0 +1,213 @@
+"""Energon loaders of image-caption samples: the task encoder and one savable loader per *view*.
+
+A view is one data-parallel reader of the dataset (``docs/data.md``): Energon's
+``WorkerConfig(rank=view, world_size=num_views)`` with the job's ``--num-workers`` and seed. Which
+views a rank runs is decided in :mod:`megatron_mimo.data.views` from the rank's own branch DP
+rank and size; never from a global rank.
+
+Every sample that fails to decode or tokenize raises (Energon's default handler logs and skips
+up to 100 in a row): a training sample never vanishes silently.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from megatron_mimo.data.tokenizer import SequenceLayout, WordTokenizer
+from megatron_mimo.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 100
+"""Samples Energon shuffles among (our digits are also shuffled when written)."""
+MAX_SAMPLES_PER_SEQUENCE = 50
+"""Longest run of consecutive samples of one shard a view reads before jumping elsewhere."""
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
+"""Pixels in [0, 1] become (x - 0.5) / 0.5 in [-1, 1]."""
+
+
+@dataclass(frozen=True)
+class SampleFormat:
+    """How one image-caption sample becomes model inputs (the same for every view)."""
+
+    image_size: int
+    layout: SequenceLayout
+    tokenizer: WordTokenizer
+
+    def pixels(self, image: torch.Tensor, key: str) -> torch.Tensor:
+        """``[3, S, S]`` normalised; other sizes are resized (any dataset trains, not only ours)."""
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise DataError(f"sample {key}: image of shape {tuple(image.shape)}, expected [3, H, W]")
+        if image.shape[1:] != (self.image_size, self.image_size):
+            image = F.interpolate(image[None].float(), size=(self.image_size, self.image_size),
+                                  mode="bilinear", antialias=True, align_corners=False)[0]
+        return (image.float() - IMAGE_MEAN) / IMAGE_STD
+
+    def encode(self, key: str, image: torch.Tensor, caption: str) -> dict[str, Any]:
+        """One sample's tensors, plus its key (what tests and logs identify it by)."""
+        text = self.layout.build(self.tokenizer.encode(caption, key), key)
+        return {"key": key, "pixels": self.pixels(image, key), **text}
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack every tensor field (Energon's batching never stacks); the keys become a list."""
+    tensors = {name: torch.stack([s[name] for s in samples]) for name in samples[0] if name != "key"}
+    return {"keys": [s["key"] for s in samples], **tensors}
+
+
+def _task_encoder_class():
+    """Built on first use: importing Energon costs ~1 s and is an optional dependency."""
+    from megatron.energon import DefaultTaskEncoder
+
+    class ImageCaptionEncoder(DefaultTaskEncoder):
+        """CaptioningSample -> tensors; batches are plain dicts."""
+
+        def __init__(self, sample_format: SampleFormat) -> None:
+            super().__init__()
+            self.sample_format = sample_format
+
+        def encode_sample(self, sample):  # noqa: D102 - Energon's hook
+            return self.sample_format.encode(sample.__key__, sample.image, sample.caption)
+
+        def batch(self, samples):  # noqa: D102 - Energon's hook
+            return collate(samples)
+
+    return ImageCaptionEncoder
+
+
+def import_energon():
+    """Energon's module, or a DataError naming the extra to install."""
+    try:
+        import megatron.energon as energon
+    except ImportError as error:
+        raise DataError("--data-path needs megatron-energon: pip install "
+                        "'megatron-mimo[data]'") from error
+    return energon
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One Energon reader: which of ``num_views`` readers, and how it reads."""
+
+    path: Path
+    view: int
+    num_views: int
+    num_workers: int
+    seed: int
+    batch_size: int
+
+    def worker_config(self):
+        """Energon's WorkerConfig of this view; errors re-raise instead of skipping samples."""
+        energon = import_energon()
+        from megatron.energon.errors import reraise_exception
+
+        return energon.WorkerConfig(rank=self.view, world_size=self.num_views,
+                                    num_workers=self.num_workers, seed_offset=self.seed,
+                                    global_error_handler=reraise_exception)
+
+
+def build_train_loader(spec: ViewSpec, sample_format: SampleFormat):
+    """Endless shuffled savable loader over the ``train`` split (Energon repeats epochs)."""
+    energon = import_energon()
+    dataset = energon.get_train_dataset(
+        str(spec.path), split_part="train", worker_config=spec.worker_config(),
+        batch_size=spec.batch_size, shuffle_buffer_size=SHUFFLE_BUFFER,
+        max_samples_per_sequence=MAX_SAMPLES_PER_SEQUENCE,
+        task_encoder=_task_encoder_class()(sample_format))
+    return _own_generator(energon.get_savable_loader(dataset), spec)
+
+
+def build_val_loader(spec: ViewSpec, sample_format: SampleFormat):
+    """One in-order pass over the ``val`` split (a fresh loader per evaluation: same samples)."""
+    energon = import_energon()
+    dataset = energon.get_val_dataset(
+        str(spec.path), split_part="val", worker_config=spec.worker_config(),
+        batch_size=spec.batch_size, task_encoder=_task_encoder_class()(sample_format))
+    return _own_generator(energon.get_loader(dataset), spec)
+
+
+def _own_generator(loader, spec: ViewSpec):
+    """torch's DataLoader draws a base seed from the global torch RNG whenever an iterator
+    starts; with its own generator, the training RNG streams (dropout) do not depend on when a
+    loader started, so a resumed run draws exactly what the uninterrupted one drew."""
+    loader.generator = torch.Generator().manual_seed(spec.seed * 1009 + spec.view)
+    return loader
+
+
+def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_tokens: int,
+                      image_token_id: int) -> SampleFormat:
+    """The dataset's tokenizer checked against the language vocabulary."""
+    tokenizer = WordTokenizer.load(path)
+    if tokenizer.vocab_size > image_token_id:
+        raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words but "
+                        f"ids from {image_token_id} up are reserved (--vocab-size "
+                        f"{image_token_id + 1}): raise --vocab-size")
+    return SampleFormat(image_size, SequenceLayout(seq_length, num_image_tokens, image_token_id),
+                        tokenizer)
+
+
+def start_loaders(loaders: list) -> list:
+    """Iterators of ``loaders``; worker processes (if any) are forked here.
+
+    Energon's workers call ``gc.collect()`` first thing; any garbage the training process had
+    not collected yet (cycles around process groups, say) would then be finalised in the child,
+    where its resources are not valid: measured as a worker segfault. Collecting in this process
+    and freezing what is left across the fork keeps inherited objects out of the child's
+    collections."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return [iter(loader) for loader in loaders]
+    finally:
+        gc.unfreeze()
+
+
+def close_loaders(loaders: list) -> None:
+    """Stop the loaders' worker processes now, in a fraction of a second.
+
+    Dropped as they are, each worker of a used loader costs 5 s: Energon's per-worker command
+    thread (``savable_loader.py:276-310``) waits on its queue, so the worker does not exit and
+    torch's shutdown waits out its join timeout before terminating it. A ``None`` command ends
+    that thread; then torch's own shutdown joins at once."""
+    for loader in loaders:
+        for queue in getattr(loader, "cmd_queues", []):
+            queue.put((None,))
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
+def next_batch(loader_iter, spec: ViewSpec) -> dict[str, Any]:
+    """The next batch of a view; any loader failure becomes a DataError naming the view."""
+    try:
+        return next(loader_iter)
+    except StopIteration:
+        raise DataError(f"{spec.path}: view {spec.view} of {spec.num_views} ran out of samples "
+                        f"(batch {spec.batch_size}); the split is too small for this run") from None
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - decode/read failures carry the sample in the text
+        raise DataError(f"{spec.path}: view {spec.view} of {spec.num_views} failed to read a "
+                        f"sample: {describe_failure(error)}") from error
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line: the sample and file of a decoding error (webdataset keeps them as attributes
+    with an empty message) and every cause in the chain."""
+    parts, seen = [], error
+    while seen is not None:
+        where = [f"{name} {getattr(seen, name)}" for name in ("key", "k", "url")
+                 if getattr(seen, name, None)]
+        text = " ".join(str(seen).split())[:200]
+        parts.append(f"{type(seen).__name__}" + (f" ({', '.join(where)})" if where else "")
+                     + (f": {text}" if text else ""))
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)

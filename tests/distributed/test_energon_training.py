@@ -1,0 +1,93 @@
+"""Training on real data through Energon (docs/data.md): both branches read the same samples
+under two DP pairings, a resume continues bit for bit with the loader's own state (0 and 2
+worker processes), a loader state from another layout is refused, and the image carries the
+answer. (A changed --num-workers, seed, batch size or dataset is refused by the record check:
+tests/unit/test_energon_data.py.)"""
+
+import pytest
+
+from tests.harness import run_world
+from tests.workers.data_world import LEARN_ITERS, WORKERS, N
+
+pytest.importorskip("megatron.energon")
+pytestmark = pytest.mark.dist
+
+WORKER = "tests.workers.data_world"
+
+
+@pytest.fixture(scope="module")
+def digits(digits_dataset):
+    return str(digits_dataset)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("energon-ckpt"))
+
+
+@pytest.fixture(scope="module")
+def saved(digits, root):
+    return run_world(WORKER, 4, {"mode": "saved", "data": digits, "root": root}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def resumed(digits, root, saved):
+    return run_world(WORKER, 4, {"mode": "resumed", "data": digits, "root": root}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def learning(digits):
+    return run_world(WORKER, 2, {"mode": "learning", "data": digits}, timeout=300)
+
+
+def _agree(ranks: list[dict]) -> None:
+    """Per micro-batch: the images ranks' sample keys in DP order equal the language ranks'
+    keys in DP order (the bridge's order); TP ranks of one DP rank read the same samples."""
+    def branch_side(branch: str, m: int) -> list[str]:
+        by_dp: dict[int, list[str]] = {}
+        for rank in ranks:
+            if rank["branch"] == branch:
+                assert by_dp.setdefault(rank["dp"], rank["keys"][m]) == rank["keys"][m]
+        return sum((by_dp[dp] for dp in sorted(by_dp)), [])
+
+    for m in range(len(ranks[0]["keys"])):
+        images, language = branch_side("images", m), branch_side("language", m)
+        assert images == language and len(set(images)) == len(images), (m, images, language)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_images_dp2_and_language_dp1_read_the_same_samples(saved, workers):
+    for step in range(2 * N):
+        _agree([{**r[str(workers)], "keys": r[str(workers)]["straight"][step]["keys"]}
+                for r in saved])
+
+
+def test_images_dp1_and_language_dp3_read_the_same_samples(resumed):
+    for step in range(N):
+        _agree([{**r["fan_out"], "keys": r["fan_out"]["steps"][step]["keys"]} for r in resumed])
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_resume_on_real_data_is_bit_exact_with_the_loader_state(saved, resumed, workers):
+    for rank_saved, rank_resumed in zip(saved, resumed, strict=True):
+        run = rank_saved[str(workers)]
+        assert run["until_save"] == run["straight"][:N]
+        got = rank_resumed[str(workers)]
+        assert got["iteration"] == N
+        # every exact record key and this rank's sample keys of every micro-batch
+        assert got["records"] == run["straight"][N:]
+
+
+def test_layout_change_cannot_resume_the_loader(resumed):
+    for rank in resumed:
+        error = rank["other_layout"]
+        assert error and error.startswith("DataError") and "layout changed" in error
+
+
+def test_the_image_carries_the_answer(learning):
+    """A short run on digits vs the same run on all-zero images: held-out accuracy."""
+    real, blank = learning[0]["real"]["accuracy"], learning[0]["blank"]["accuracy"]
+    assert all(r["real"]["accuracy"] == real for r in learning)  # world-agreed
+    print(f"held-out accuracy after {LEARN_ITERS} iterations: digits {real:.3f}, "
+          f"blank images {blank:.3f}")
+    assert blank < 0.25 and real > blank + 0.25, (real, blank)

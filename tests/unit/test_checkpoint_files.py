@@ -1,0 +1,52 @@
+"""Checkpoint files without a process group: retention choice, checksums, failure wording, flags."""
+
+import errno
+
+import pytest
+
+from megatron_mimo.checkpoint import integrity, retention, storage
+from megatron_mimo.config.cli import config_from_args
+from megatron_mimo.errors import ConfigError
+
+
+def test_retention_keeps_the_newest_k_and_never_the_tracked_one():
+    assert retention.to_delete([1, 2, 3, 4, 5], keep_last=2, protected=5) == [1, 2, 3]
+    assert retention.to_delete([1, 2, 3, 4, 5], keep_last=2, protected=2) == [1, 3]  # --ckpt-step
+    assert retention.to_delete([3], keep_last=1, protected=None) == []
+
+
+def test_every_file_is_checked_by_exactly_one_rank():
+    expected = {f"__{r}_0.distcp": {"bytes": 100 * r, "xxh3_128": "0"} for r in range(7)}
+    names = integrity.by_size(expected)
+    shares = [integrity.share(names, rank, 3) for rank in range(3)]
+    assert sorted(sum(shares, [])) == sorted(expected)
+    assert names[0] == "__6_0.distcp"  # largest first
+
+
+def test_a_flipped_bit_is_named_with_its_file(tmp_path):
+    (tmp_path / "a.distcp").write_bytes(bytes(range(256)) * 64)
+    expected = integrity.checksums(tmp_path, ["a.distcp"])
+    assert integrity.problems(tmp_path, expected) == []
+    data = bytearray((tmp_path / "a.distcp").read_bytes())
+    data[5000] ^= 1
+    (tmp_path / "a.distcp").write_bytes(bytes(data))
+    [problem] = integrity.problems(tmp_path, expected)
+    assert f"{tmp_path / 'a.distcp'} is corrupt" in problem
+
+
+def test_a_full_disk_is_named_as_such(tmp_path):
+    storage.write_atomic(tmp_path / storage.TRACKER_FILENAME, "7\n")
+    failure = RuntimeError("Worker failure")
+    failure.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    text = storage.describe_write_failure(failure, tmp_path, 9)
+    assert f"to {tmp_path}: the disk is full" in text and "still names iteration 7" in text
+    other = storage.describe_write_failure(PermissionError("denied"), tmp_path, 9)
+    assert "disk is full" not in other and "PermissionError: denied" in other
+
+
+def test_checkpoint_flags():
+    cfg, _ = config_from_args(["--async-save", "--no-ckpt-verify", "--ckpt-keep-last", "3"])
+    assert cfg.checkpoint.async_save and cfg.checkpoint.no_ckpt_verify
+    assert cfg.checkpoint.ckpt_keep_last == 3
+    with pytest.raises(ConfigError, match="ckpt_keep_last must be >= 1, got 0"):
+        config_from_args(["--ckpt-keep-last", "0"])
