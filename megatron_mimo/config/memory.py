@@ -57,15 +57,17 @@ def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: i
         return (first + last) * (cfg.vocab_size // tp * hidden) \
             + cfg.num_layers // pp * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
             + last * _norm(hidden, True)
-    total = 2 * cfg.vocab_size // tp * hidden  # word embeddings and the (untied) output layer
-    for symbol in cfg.hybrid_pattern:
+    first, last = stage == 0, stage == pp - 1
+    total = (first + last) * (cfg.vocab_size // tp * hidden)  # embeddings, untied output layer
+    size = len(cfg.hybrid_pattern) // pp
+    for symbol in cfg.hybrid_pattern[stage * size:(stage + 1) * size]:
         if symbol == "M":
             total += _mamba_layer(cfg, tp)
         elif symbol == "*":
             total += _attention(hidden, tp, bias=False)  # RMSNorm: weight only
         else:
             total += hidden + _mlp(hidden, cfg.ffn_hidden_size, tp)  # RMSNorm + MLP
-    return total + hidden  # final RMSNorm
+    return total + last * hidden  # final RMSNorm
 
 
 def images_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) -> int:

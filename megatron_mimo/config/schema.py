@@ -284,12 +284,12 @@ class MimoConfig:
         if pp == 1:
             return
         layers = self.language.num_layers
+        what = f"num_layers {layers}"
+        if self.language.kind == "mamba_hybrid":
+            what = f"hybrid_pattern {self.language.hybrid_pattern!r} ({layers} layers)"
         _require(layers % pp == 0, (
-            f"language branch: num_layers {layers} cannot be split over --llm-pp {pp} stages "
-            f"(needs a multiple of {pp})"))
-        _require(self.language.kind == "gpt", (
-            f"language branch: --llm-kind {self.language.kind} with --llm-pp {pp} is not "
-            f"supported yet (GPT only)"))
+            f"language branch: {what} cannot be split over --llm-pp {pp} stages "
+            f"(needs a multiple of {pp} layers)"))
         _require(self.num_microbatches >= pp, (
             f"--llm-pp {pp} needs at least {pp} micro-batches per iteration, got "
             f"{self.num_microbatches} (--global-batch-size {self.training.global_batch_size} / "

@@ -40,7 +40,9 @@ def language_spec(cfg: MimoConfig, pgs, device: torch.device) -> ModuleSpec:
     """GPT or Mamba-hybrid language model, by ``--llm-kind``."""
     if cfg.language.kind == "mamba_hybrid":
         return mamba_hybrid_spec(cfg.language, cfg.language_parallel.tp, pgs, device,
-                                 cfg.precision.name)
+                                 cfg.precision.name,
+                                 init_seed=branch_init_seed(cfg.training.seed, LANGUAGE),
+                                 pp=cfg.language_parallel.pp)
     return gpt_spec(cfg.language, cfg.language_parallel.tp, pgs, device, cfg.precision.name,
                     init_seed=branch_init_seed(cfg.training.seed, LANGUAGE),
                     pp=cfg.language_parallel.pp)

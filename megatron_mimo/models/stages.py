@@ -9,12 +9,15 @@ here together.
 
 Weights: with CPU initialisation each layer draws from the default generator in build order, so
 a stage that starts at layer k would draw other numbers than the same layer in a one-stage build.
-Each transformer layer therefore reseeds the generator from (branch seed, global layer number)
-right before it is built: PP1 and PPn start from identical weights.
+Each layer therefore reseeds the generator from (branch seed, global layer number) right before
+it is built: PP1 and PPn start from identical weights. A GPT layer gets its stage-local number
+and adds megatron-core's stage offset; a Mamba-hybrid layer gets its global number from
+``HybridStack`` (which splits the pattern over the stages itself, at the ``|`` marks).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -73,3 +76,35 @@ def apply_layer_seeding(layer_spec: ModuleSpec, init_seed: int) -> ModuleSpec:
         raise TypeError(f"expected a TransformerLayer spec, got {layer_spec.module!r}")
     return ModuleSpec(module=_seeded_class(layer_spec.module), submodules=layer_spec.submodules,
                       params={**layer_spec.params, "init_seed": init_seed})
+
+
+@functools.cache
+def _seeded_hybrid_class(layer_class: type) -> type:
+    """``layer_class`` (a layer of ``HybridStack``, built with its global ``layer_number``) that
+    reseeds the default generator from that number."""
+
+    def __init__(self, *args, init_seed: int = 0, **kwargs):
+        torch.manual_seed(layer_seed(init_seed, kwargs["layer_number"]))
+        layer_class.__init__(self, *args, **kwargs)
+
+    return type(f"StageIndependent{layer_class.__name__}", (layer_class,), {
+        "__init__": __init__, "__doc__": _seeded_hybrid_class.__doc__})
+
+
+def seed_hybrid_layers(stack_spec: ModuleSpec, init_seed: int) -> ModuleSpec:
+    """A copy of a ``HybridStack`` spec whose Mamba, attention and MLP layers initialise
+    independently of the stage split."""
+    submodules = copy.copy(stack_spec.submodules)
+    for field in ("mamba_layer", "attention_layer", "mlp_layer"):
+        layer = getattr(submodules, field)
+        setattr(submodules, field, ModuleSpec(
+            module=_seeded_hybrid_class(layer.module), submodules=layer.submodules,
+            params={**layer.params, "init_seed": init_seed}))
+    return ModuleSpec(module=stack_spec.module, submodules=submodules, params=stack_spec.params)
+
+
+def stage_pattern(pattern: str, num_stages: int) -> str:
+    """A hybrid layer pattern with ``|`` between equal stage segments (``'M*M-'``, 2 ->
+    ``'M*|M-'``): megatron-core's explicit split, instead of its deprecated implicit one."""
+    size = len(pattern) // num_stages
+    return "|".join(pattern[i:i + size] for i in range(0, len(pattern), size))

@@ -15,12 +15,18 @@ WORKER = "tests.workers.ckpt_world"
 A = "images_tp1dp2_language_tp2dp1"
 B = "images_tp2dp1_language_tp1dp2"  # saves its optimizer state fully_reshardable
 NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tiny_cpu_nemotron)
-PP2 = "images_tp1dp2_language_pp2"  # language TP1xDP1xPP2 (own fixtures below), fully_reshardable
-RANKS = {A: 4, B: 4, TWO_RANKS: 2, NEMOTRON: 4}
+PP2 = "images_tp1dp2_language_pp2"  # language TP1xDP1xPP2, fully_reshardable
+RANKS = {A: 4, B: 4, TWO_RANKS: 2, NEMOTRON: 4, PP2: 4}
 FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
 ASYNC = {"checkpoint.async_save": True}
-OVERRIDES = {A: {}, B: {**FULLY, **ASYNC}, TWO_RANKS: ASYNC, NEMOTRON: {}}
+OVERRIDES = {A: {}, B: {**FULLY, **ASYNC}, TWO_RANKS: ASYNC, NEMOTRON: {}, PP2: FULLY}
 """B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves."""
+FOREIGN = {A: {"foreign": B, "from_pp2": PP2}, B: {"foreign": A}, TWO_RANKS: {}, NEMOTRON: {},
+           PP2: {"from_pp1": B, "from_pp1_dp": A}}
+"""Before resuming its own checkpoint, each layout loads these others': A loads B's
+fully_reshardable one (another TP/DP) and PP2's (language PP2 -> PP1), B loads A's
+dp_reshardable one (refused at once), PP2 loads B's (PP1 -> PP2) and A's (a PP change under
+dp_reshardable: refused)."""
 
 
 @pytest.fixture(scope="module")
@@ -38,35 +44,10 @@ def saved(root):
 
 @pytest.fixture(scope="module")
 def resumed(root, saved):
-    # A first probes B's fully_reshardable checkpoint (another layout), B probes A's
-    # dp_reshardable one (must be refused at once), then each resumes its own.
-    foreign = {A: root / B, B: root / A, TWO_RANKS: None, NEMOTRON: None}
     return {layout: run_world(WORKER, RANKS[layout], {
         "mode": "resumed", "layout": layout, "root": str(root / layout), "overrides": OVERRIDES[layout],
-        "foreign_root": str(foreign[layout]) if foreign[layout] else None}, timeout=300)
-        for layout in RANKS}
-
-
-@pytest.fixture(scope="module")
-def saved_pp2(root):
-    return run_world(WORKER, 4, {"mode": "straight_and_saved", "layout": PP2, "root": str(root / PP2),
-                                 "overrides": FULLY}, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def resumed_pp2(root, saved, saved_pp2):
-    """PP2 first probes B's fully_reshardable checkpoint (language PP1 -> PP2) and A's
-    dp_reshardable one (a PP change: refused), then resumes its own."""
-    return run_world(WORKER, 4, {
-        "mode": "resumed", "layout": PP2, "root": str(root / PP2), "overrides": FULLY,
-        "foreign_roots": {"from_pp1": str(root / B), "from_pp1_dp": str(root / A)}}, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def pp1_from_pp2(root, saved_pp2):
-    """Layout A (language TP2, PP1) loads the PP2 checkpoint (fully_reshardable)."""
-    return run_world(WORKER, 4, {"mode": "probe", "layout": A,
-                                 "foreign_roots": {"from_pp2": str(root / PP2)}}, timeout=300)
+        "foreign_roots": {name: str(root / other) for name, other in FOREIGN[layout].items()}},
+        timeout=300) for layout in RANKS}
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
@@ -104,10 +85,10 @@ def test_loss_right_after_load_equals_loss_at_save(saved, resumed, layout):  # m
         assert rank_resumed["eval_after_load"] == rank_saved["eval_at_save"]
 
 
-def test_pipeline_resume_is_bitwise_inside_warmup(saved_pp2, resumed_pp2):
-    lrs = [r["lr"]["language"] for r in saved_pp2[0]["straight"]]
+def test_pipeline_resume_is_bitwise_inside_warmup(saved, resumed):
+    lrs = [r["lr"]["language"] for r in saved[PP2][0]["straight"]]
     assert lrs[N - 1] < max(lrs) and lrs.index(max(lrs)) >= N  # resume point inside warmup
-    for rank_saved, rank_resumed in zip(saved_pp2, resumed_pp2, strict=True):
+    for rank_saved, rank_resumed in zip(saved[PP2], resumed[PP2], strict=True):
         for want, got in zip(rank_saved["straight"][N:], rank_resumed["records"], strict=True):
             for key in EXACT_KEYS:
                 assert got[key] == want[key], (got["iteration"], key, got[key], want[key])
@@ -117,25 +98,24 @@ def test_pipeline_resume_is_bitwise_inside_warmup(saved_pp2, resumed_pp2):
         assert set(rank_resumed["steps_after_load"]) == {float(N)}
 
 
-def test_fully_reshardable_resumes_across_a_language_pp_change(saved, saved_pp2, resumed_pp2,
-                                                               pp1_from_pp2):
-    for source, ranks, probe in ((saved_pp2, pp1_from_pp2, "from_pp2"),
-                                 (saved[B], resumed_pp2, "from_pp1")):
+def test_fully_reshardable_resumes_across_a_language_pp_change(saved, resumed):
+    for source, ranks, probe in ((saved[PP2], resumed[A], "from_pp2"),
+                                 (saved[B], resumed[PP2], "from_pp1")):
         for rank in ranks:
             assert rank[probe]["ok"], (probe, rank[probe])
             assert rank[probe]["iteration"] == N
             assert rank[probe]["eval"] == pytest.approx(source[0]["eval_at_save"], rel=1e-5), probe
 
 
-def test_dp_reshardable_refuses_a_language_pp_change(resumed_pp2):
-    for rank in resumed_pp2:
+def test_dp_reshardable_refuses_a_language_pp_change(resumed):
+    for rank in resumed[PP2]:
         error = rank["from_pp1_dp"]["error"]
         assert not rank["from_pp1_dp"]["ok"] and "CheckpointError" in error
         assert "cannot resume the language branch" in error
         assert "language TP2xDP1xPP1 on ranks 2-3" in error and "language TP1xDP1xPP2 on ranks 2-3" in error
 
 
-def test_every_language_layer_is_saved_once_across_stages(root, saved_pp2):
+def test_every_language_layer_is_saved_once_across_stages(root, saved):
     from torch.distributed.checkpoint import FileSystemReader
 
     from tests.workers.ckpt_world import make_cfg

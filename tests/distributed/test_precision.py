@@ -43,7 +43,7 @@ def resumed(root, saved):
     # the bf16 two-rank run first tries to resume the fp32 checkpoint (refused: another
     # precision's optimizer state), then loads its weights with --finetune
     fp32 = str(root / "fp32_two_ranks")
-    extra = {"bf16_two_ranks": {"foreign_root": fp32, "finetune_root": fp32,
+    extra = {"bf16_two_ranks": {"foreign_roots": {"foreign": fp32}, "finetune_root": fp32,
                                 "no_load_optim_probe": True}}
     return {name: run_world(WORKER, ranks, {
         "mode": "resumed", "layout": layout, "root": str(root / name), "overrides": overrides,

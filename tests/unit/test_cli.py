@@ -126,7 +126,8 @@ def test_errors_name_flags_not_config_fields(capsys, monkeypatch):
      "language branch: num_layers 4 cannot be split over --llm-pp 3 stages"),
     (["--global-batch-size", "2"], "--llm-pp 2 needs at least 2 micro-batches per iteration, got 1"),
     (["--encoder-pp", "2"], "the images branch supports pp=1 only, got --encoder-pp 2"),
-    (["--llm-kind", "mamba_hybrid"], "--llm-kind mamba_hybrid with --llm-pp 2 is not supported yet"),
+    (["--llm-kind", "mamba_hybrid", "--hybrid-override-pattern", "M*M", "--num-layers", "3"],
+     "language branch: hybrid_pattern 'M*M' (3 layers) cannot be split over --llm-pp 2 stages"),
 ])
 def test_pipeline_errors_are_one_line_in_dry_run(capsys, monkeypatch, argv, message):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

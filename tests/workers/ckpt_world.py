@@ -4,7 +4,6 @@ probes they share with :mod:`tests.workers.ckpt_failure_world`.
 Modes (args["mode"]):
   "straight_and_saved"  2N iterations straight; then N iterations, save, stop (same processes)
   "resumed"             fresh processes: load that checkpoint, check it, train N more
-  "probe"               only load other layouts' checkpoints (foreign_roots) and report
   "flags"               load one checkpoint several times with --no-load-* / --finetune
 Every record is the production iteration record (``Trainer.step()``).
 """
@@ -205,11 +204,6 @@ def mode_straight_and_saved(args: dict) -> dict:
     return out
 
 
-def mode_probe(args: dict) -> dict:
-    """Only the foreign probes of "resumed": load other layouts' checkpoints, report."""
-    return _probe_foreign(args["layout"], args.get("overrides", {}), args["foreign_roots"])
-
-
 def _probe_foreign(layout: str, extra: dict, foreign: dict[str, str]) -> dict:
     out: dict[str, Any] = {}
     for name, foreign_root in foreign.items():  # checkpoints saved under another layout
@@ -228,8 +222,6 @@ def mode_resumed(args: dict) -> dict:
     layout, root = args["layout"], args["root"]
     extra = args.get("overrides", {})
     foreign = dict(args.get("foreign_roots") or {})
-    if args.get("foreign_root"):
-        foreign["foreign"] = args["foreign_root"]
     out = _probe_foreign(layout, extra, foreign)
     if args.get("finetune_root"):  # weights of a checkpoint in another precision
         probe = Run(make_cfg(layout, {"checkpoint.load": args["finetune_root"],
@@ -291,7 +283,7 @@ def mode_flags(args: dict) -> dict:
 
 
 MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed,
-         "probe": mode_probe, "flags": mode_flags}
+         "flags": mode_flags}
 
 
 def body(args: dict) -> Any:
