@@ -28,12 +28,10 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def pipeline_overrides(pp: int) -> dict:
-    """TransformerConfig fields a branch split over ``pp`` stages needs: the stage count (else
-    every stage builds every layer, silently) and variable sequence lengths, which
-    megatron-core's multi-module schedule requires (``schedules.py:2183``) and which in turn
-    needs the alltoall dispatcher even for a dense model (``transformer_config.py:2646``)."""
-    if pp == 1:
-        return {}
+    """TransformerConfig fields megatron-core's multi-module schedule needs (it runs every step):
+    the branch's stage count (else every stage builds every layer, silently) and variable sequence
+    lengths (``schedules.py:2183``), which in turn need the alltoall dispatcher even for a dense
+    model (``transformer_config.py:2646``)."""
     return {"pipeline_model_parallel_size": pp, "variable_seq_lengths": True,
             "moe_token_dispatcher_type": "alltoall"}
 

@@ -9,13 +9,12 @@ import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.mimo import MimoModel
 from megatron.core.models.mimo.optimizer import MimoOptimizer
-from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
 from megatron.core.pipeline_parallel.multimodule_communicator import (
     MultiModulePipelineCommunicator,
 )
 from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
 
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.layout import LANGUAGE
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.data.source import BranchData, build_branch_data
 from megatron_mimo.distributed.runtime import Runtime
@@ -43,17 +42,15 @@ class Job:
     model: MimoModel
     optimizer: MimoOptimizer
     schedulers: BranchSchedulers
-    bridge: BridgeCommunicator | None
-    """Images -> language bridge of the one-stage step; None with language PP > 1."""
+    pipeline: MultiModulePipelineCommunicator
+    """megatron-core's bridge (images -> language stage 0) + P2P between language stages."""
+    schedule_pgs: MultiModuleProcessGroupCollection
+    """This rank's groups as the multi-module schedule takes them."""
     data: BranchData
     """This rank's part of every global batch (mock samples or Energon loaders)."""
     num_parameters: int = 0
     """Parameters of both branches (world-wide, TP shards added up once per branch); set by
     :func:`build_job`."""
-    pipeline: MultiModulePipelineCommunicator | None = None
-    """megatron-core's bridge + P2P communicator for the 1F1B schedule (language PP > 1)."""
-    schedule_pgs: MultiModuleProcessGroupCollection | None = None
-    """This rank's groups as the multi-module schedule takes them (language PP > 1)."""
 
     @property
     def branch(self) -> str:
@@ -82,20 +79,6 @@ class Job:
         pp = self.topology.pgs().pp
         return pp.rank() == pp.size() - 1
 
-    @property
-    def pipelined(self) -> bool:
-        """Whether steps run megatron-core's multi-module 1F1B schedule (language PP > 1)."""
-        return self.pipeline is not None
-
-
-def build_bridge(topology: Topology, dtype: torch.dtype) -> BridgeCommunicator:
-    """Images -> language bridge (collective: every rank builds it), carrying activations and
-    gradients in the training dtype. Encoder outputs are 2-D ``[tokens, hidden]``, so DP
-    fan-in/fan-out concatenates/splits along dim 0."""
-    return BridgeCommunicator(topology.grid(IMAGES), topology.grid(LANGUAGE),
-                              comm_dtype=dtype, src_module_name=IMAGES,
-                              dest_module_name=LANGUAGE, tensor_ndim=2)
-
 
 def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     """Data first (a bad --data-path fails on every rank before any collective), then seed,
@@ -106,12 +89,8 @@ def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     model = build_mimo_model(cfg, topology, runtime.device)
     optimizer = build_mimo_optimizer(cfg, model, topology, runtime.device)
     schedulers = build_schedulers(cfg, optimizer, topology)
-    pipelined = cfg.language_parallel.pp > 1
-    bridge = None if pipelined else build_bridge(topology, TORCH_DTYPES[cfg.precision.name])
-    job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, data)
-    if pipelined:
-        job.pipeline = build_pipeline_communicator(topology, model)
-        job.schedule_pgs = schedule_process_groups(topology)
+    job = Job(cfg, runtime, topology, model, optimizer, schedulers,
+              build_pipeline_communicator(topology, model), schedule_process_groups(topology), data)
     job.num_parameters = count_parameters(job)
     return job
 
@@ -128,8 +107,7 @@ def destroy_job(job: Job) -> None:
     """Release the data loaders and the job's process groups (bridge caches, branch grids);
     call on every rank."""
     job.data.close()
-    bridges = [job.bridge] if job.bridge is not None else job.pipeline.bridge_comms
-    for bridge in bridges:
+    for bridge in job.pipeline.bridge_comms:
         bridge.destroy_broadcast_pgs()
         bridge.destroy_bridge_pgs()
     job.topology.destroy()

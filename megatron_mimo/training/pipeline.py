@@ -1,16 +1,17 @@
 """Forward/backward of one global batch through megatron-core's multi-module 1F1B schedule.
 
-Used when the language branch has more than one pipeline stage (``--llm-pp N``). The images
-ranks are the first module of the pipeline, the language stages follow; megatron-core's
+Every step runs it, with one language stage or many (``--llm-pp N``). The images ranks are the
+first module of the pipeline, the language stages follow; megatron-core's
 ``MultiModulePipelineCommunicator`` moves activations and gradients over the bridge (images ->
 language stage 0) and point-to-point between language stages, and its
 ``forward_backward_pipelining_without_interleaving`` (given a
 ``MultiModuleProcessGroupCollection``) runs warmup / 1F1B / cooldown on every rank. This module
 only provides what the schedule asks of a user: the communicator, the per-rank data iterator,
-the forward step and the loss function (per-token sum, as the hand-written step computes it).
+the forward step and the loss function (a per-token sum; the global token count divides the
+gradients after the grad sync, :mod:`megatron_mimo.training.step`).
 
-Everything after the schedule (grad sync, global token count, optimizer) is the same code as
-for one stage (:mod:`megatron_mimo.training.step`).
+With one language stage the schedule gives the same records, bit for bit, as the hand-written
+step it replaced (encoder one micro-batch ahead, then receive, backprop, send back).
 """
 
 from __future__ import annotations
