@@ -1,13 +1,13 @@
-"""Where a training step's time goes, per branch: encoder, bridge, language, grad sync, optimizer.
+"""Where a training step's time goes, per rank and pipeline stage.
 
     torchrun --standalone --nproc-per-node 4 bench/step_breakdown.py --config tiny_cpu --train-iters 12
     torchrun --standalone --nproc-per-node 4 bench/step_breakdown.py --config tiny_cpu_pp --train-iters 12
     torchrun --standalone --nproc-per-node 3 bench/step_breakdown.py --config tiny_cpu_pp --llm-pp 1
 
-With language PP > 1 (megatron-core's 1F1B schedule) the phases of every rank are ``forward``,
-``backward`` (compute), ``bridge`` (images <-> language stage 0) and ``p2p`` (between language
-stages); both communication phases include waiting for the peer, i.e. the pipeline bubble.
-Each rank reports its pipeline ``stage``.
+Every step runs megatron-core's 1F1B schedule; the phases of every rank are ``data``,
+``forward``, ``backward`` (compute), ``bridge`` (images <-> language stage 0), ``p2p`` (between
+language stages, PP > 1 only), ``grad_sync`` and ``optimizer``; both communication phases
+include waiting for the peer, i.e. the pipeline bubble. Each rank reports its pipeline ``stage``.
 
 Prints one JSON object (rank 0): mean ms per phase for each rank after 2 warm-up iterations,
 and each phase as a fraction of that rank's step time. ``bridge`` includes waiting for the

@@ -6,48 +6,28 @@ import json
 
 import pytest
 
-from tests.harness import run_world
+from tests.resume_worlds import CASES, NEMOTRON, PP2, A, B
 from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 
 pytestmark = pytest.mark.dist
 
-WORKER = "tests.workers.ckpt_world"
-A = "images_tp1dp2_language_tp2dp1"
-B = "images_tp2dp1_language_tp1dp2"  # saves its optimizer state fully_reshardable
-NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tiny_cpu_nemotron)
-PP2 = "images_tp1dp2_language_pp2"  # language TP1xDP1xPP2, fully_reshardable
-RANKS = {A: 4, B: 4, TWO_RANKS: 2, NEMOTRON: 4, PP2: 4}
-FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
-ASYNC = {"checkpoint.async_save": True}
-OVERRIDES = {A: {}, B: {**FULLY, **ASYNC}, TWO_RANKS: ASYNC, NEMOTRON: {}, PP2: FULLY}
-"""B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves."""
-FOREIGN = {A: {"foreign": B, "from_pp2": PP2}, B: {"foreign": A}, TWO_RANKS: {}, NEMOTRON: {},
-           PP2: {"from_pp1": B, "from_pp1_dp": A}}
-"""Before resuming its own checkpoint, each layout loads these others': A loads B's
-fully_reshardable one (another TP/DP) and PP2's (language PP2 -> PP1), B loads A's
-dp_reshardable one (refused at once), PP2 loads B's (PP1 -> PP2) and A's (a PP change under
-dp_reshardable: refused)."""
+RANKS = {name: ranks for name, (_, ranks, _) in CASES.items() if name in (A, B, TWO_RANKS, NEMOTRON, PP2)}
+"""The layouts (fp32); test_precision checks the bf16 / fp16 cases of the same worlds."""
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ckpt")
+def root(resume_root):
+    return resume_root
 
 
 @pytest.fixture(scope="module")
-def saved(root):
-    return {layout: run_world(WORKER, RANKS[layout], {"mode": "straight_and_saved", "layout": layout,
-                                                      "root": str(root / layout),
-                                                      "overrides": OVERRIDES[layout]}, timeout=300)
-            for layout in RANKS}
+def saved(resume_saved):
+    return resume_saved
 
 
 @pytest.fixture(scope="module")
-def resumed(root, saved):
-    return {layout: run_world(WORKER, RANKS[layout], {
-        "mode": "resumed", "layout": layout, "root": str(root / layout), "overrides": OVERRIDES[layout],
-        "foreign_roots": {name: str(root / other) for name, other in FOREIGN[layout].items()}},
-        timeout=300) for layout in RANKS}
+def resumed(resume_resumed):
+    return resume_resumed
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
@@ -203,8 +183,8 @@ def test_checkpoint_layout_on_disk(root, saved):
 
 
 @pytest.fixture(scope="module")
-def flags(root, saved):
-    return run_world(WORKER, 2, {"mode": "flags", "root": str(root / TWO_RANKS)}, timeout=300)
+def flags(resumed):
+    return resumed["flags"]
 
 
 def test_no_load_optim_starts_adam_fresh_but_continues_schedule(saved, flags):

@@ -5,7 +5,8 @@ Modes (args["mode"]):
   "straight_and_saved"  2N iterations straight; then N iterations, save, stop (same processes)
   "resumed"             fresh processes: load that checkpoint, check it, train N more
   "flags"               load one checkpoint several times with --no-load-* / --finetune
-Every record is the production iteration record (``Trainer.step()``).
+Every record is the production iteration record (``Trainer.step()``). ``{"runs": [...]}``
+runs several modes in turn in the same processes.
 """
 
 from __future__ import annotations
@@ -287,7 +288,11 @@ MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed,
 
 
 def body(args: dict) -> Any:
+    """One mode, or ``{"runs": [args, ...]}``: several in turn in these processes (each world
+    start costs ~10 s of imports and set-up; the test suite shares them)."""
     forbid_parallel_state_groups()
+    if "runs" in args:
+        return [MODES[run["mode"]](run) for run in args["runs"]]
     return MODES[args["mode"]](args)
 
 
