@@ -1,5 +1,6 @@
-"""Session fixtures shared by test_checkpoint_resume and test_precision (tests/resume_worlds.py);
-each module names them ``root`` / ``saved`` / ``resumed``."""
+"""Session fixtures ``root``, ``saved`` and ``resumed``: the save-then-resume worlds that
+test_checkpoint_resume and test_precision share (tests/resume_worlds.py). A module that defines
+fixtures of these names (test_energon_training) uses its own."""
 
 import pytest
 
@@ -7,15 +8,15 @@ from tests.resume_worlds import resume_all, save_all
 
 
 @pytest.fixture(scope="session")
-def resume_root(tmp_path_factory):
+def root(tmp_path_factory):
     return tmp_path_factory.mktemp("resume")
 
 
 @pytest.fixture(scope="session")
-def resume_saved(resume_root):
-    return save_all(resume_root)
+def saved(root):
+    return save_all(root)
 
 
 @pytest.fixture(scope="session")
-def resume_resumed(resume_root, resume_saved):
-    return resume_all(resume_root)
+def resumed(root, saved):
+    return resume_all(root)

@@ -15,21 +15,6 @@ RANKS = {name: ranks for name, (_, ranks, _) in CASES.items() if name in (A, B, 
 """The layouts (fp32); test_precision checks the bf16 / fp16 cases of the same worlds."""
 
 
-@pytest.fixture(scope="module")
-def root(resume_root):
-    return resume_root
-
-
-@pytest.fixture(scope="module")
-def saved(resume_saved):
-    return resume_saved
-
-
-@pytest.fixture(scope="module")
-def resumed(resume_resumed):
-    return resume_resumed
-
-
 @pytest.mark.parametrize("layout", list(RANKS))
 def test_resumed_run_equals_straight_run_bitwise(saved, resumed, layout):
     for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):

@@ -16,21 +16,6 @@ FP32 = TWO_RANKS
 CASES = {name: ALL[name] for name in (FP32, "bf16_two_ranks", "bf16_four_ranks", "fp16_two_ranks")}
 
 
-@pytest.fixture(scope="module")
-def root(resume_root):
-    return resume_root
-
-
-@pytest.fixture(scope="module")
-def saved(resume_saved):
-    return resume_saved
-
-
-@pytest.fixture(scope="module")
-def resumed(resume_resumed):
-    return resume_resumed
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_resumed_run_equals_straight_run_bitwise(saved, resumed, case):
     for rank_saved, rank_resumed in zip(saved[case], resumed[case], strict=True):
