@@ -1,6 +1,13 @@
-"""Where a training step's time goes, per branch: encoder, bridge, language, grad sync, optimizer.
+"""Where a training step's time goes, per rank and pipeline stage.
 
     torchrun --standalone --nproc-per-node 4 bench/step_breakdown.py --config tiny_cpu --train-iters 12
+    torchrun --standalone --nproc-per-node 4 bench/step_breakdown.py --config tiny_cpu_pp --train-iters 12
+    torchrun --standalone --nproc-per-node 3 bench/step_breakdown.py --config tiny_cpu_pp --llm-pp 1
+
+Every step runs megatron-core's 1F1B schedule; the phases of every rank are ``data``,
+``forward``, ``backward`` (compute), ``bridge`` (images <-> language stage 0), ``p2p`` (between
+language stages, PP > 1 only), ``grad_sync`` and ``optimizer``; both communication phases
+include waiting for the peer, i.e. the pipeline bubble. Each rank reports its pipeline ``stage``.
 
 Prints one JSON object (rank 0): mean ms per phase for each rank after 2 warm-up iterations,
 and each phase as a fraction of that rank's step time. ``bridge`` includes waiting for the
@@ -28,14 +35,15 @@ def main() -> int:
         kept = range(WARMUP, len(totals))
         names = sorted({name for p in phases for name in p})
         mine = {"rank": dist.get_rank(), "branch": trainer.branch,
+                "stage": trainer.job.topology.pgs().pp.rank(),
                 "step_ms": sum(totals[i] for i in kept) / len(kept),
                 "phase_ms": {n: sum(phases[i].get(n, 0.0) for i in kept) / len(kept) for n in names}}
         mine["phase_fraction"] = {n: round(v / mine["step_ms"], 3) for n, v in mine["phase_ms"].items()}
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         if dist.get_rank() == 0:
-            print(json.dumps({"config": cfg.name, "iterations_measured": len(kept), "ranks": gathered},
-                             indent=1))
+            print(json.dumps({"config": cfg.name, "language_pp": cfg.language_parallel.pp,
+                              "iterations_measured": len(kept), "ranks": gathered}, indent=1))
     return 0
 
 

@@ -190,12 +190,14 @@ CPU_WORKAROUNDS: tuple[Workaround, ...] = (
         "models/mimo/model/base.py:580", "utils.py:715",
         "dist_checkpointing/strategies/state_dict_saver.py:252",
         "dist_checkpointing/strategies/async_utils.py:224",
+        "pipeline_parallel/p2p_communication.py:211,215,219,223,334,342",
     ), _current_device_is_cpu),
     _cpu("cuda_streams_are_noops", (
         "distributed/param_and_grad_buffer.py:632,691,814",
         "dist_checkpointing/strategies/async_utils.py:273",
         "dist_checkpointing/strategies/filesystem_async.py:248",
         "dist_checkpointing/strategies/fully_parallel.py:287,296", "utils.py:1721",
+        "pipeline_parallel/p2p_communication.py:263,419",
     ), _cuda_streams_are_noops),
     _cpu("cuda_literals_to_cpu", (
         "models/mimo/optimizer.py:65,82,107,135,139",
@@ -204,6 +206,7 @@ CPU_WORKAROUNDS: tuple[Workaround, ...] = (
         "optimizer/distrib_optimizer.py:466", "utils.py:1332",
         "models/vision/clip_vit_model.py:124",
         "dist_checkpointing/strategies/state_dict_saver.py:204",
+        "pipeline_parallel/schedules.py:2292",
     ), _cuda_literals_to_cpu),
     _cpu("bridge_groups_use_default_backend", (
         "pipeline_parallel/bridge_communicator.py:199,209",

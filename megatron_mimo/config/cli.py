@@ -185,5 +185,14 @@ def format_layout(cfg: MimoConfig) -> str:
                      f"per DP rank per micro-step")
     lines.append(f"  global batch {cfg.training.global_batch_size} = {cfg.num_microbatches} "
                  f"micro-step(s) x {cfg.job_micro_batch} samples")
+    pp = cfg.language_parallel.pp
+    if pp > 1:
+        layers = f"{cfg.language.num_layers // pp} layer(s)"
+        if cfg.language.kind == "mamba_hybrid":
+            size = cfg.language.num_layers // pp
+            pattern = cfg.language.hybrid_pattern
+            layers += " " + " | ".join(pattern[i:i + size] for i in range(0, len(pattern), size))
+        lines.append(f"  language pipeline: {pp} stages x {layers} (embedding on stage 0, output layer and loss on stage {pp - 1}), "
+                     f"megatron-core 1F1B schedule over {cfg.num_microbatches} micro-batches")
     lines.append(format_memory(cfg))
     return "\n".join(lines)

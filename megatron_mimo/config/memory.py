@@ -47,21 +47,27 @@ def _mamba_layer(cfg: LanguageModelConfig, tp: int) -> int:
             + hidden * inner // tp)  # out_proj
 
 
-def language_parameters(cfg: LanguageModelConfig, tp: int) -> int:
-    """Parameters on one rank of the language branch (GPT or Mamba hybrid) at ``tp``."""
+def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: int = 0) -> int:
+    """Parameters on one rank of pipeline stage ``stage`` (of ``pp``) of the language branch
+    (GPT or Mamba hybrid) at ``tp``: its share of the layers, the word embeddings on the first
+    stage, the final norm and the (untied) output layer on the last."""
     hidden = cfg.hidden_size
-    total = 2 * cfg.vocab_size // tp * hidden  # word embeddings and the (untied) output layer
     if cfg.kind == "gpt":
-        return total + cfg.num_layers * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
-            + _norm(hidden, True)
-    for symbol in cfg.hybrid_pattern:
+        first, last = stage == 0, stage == pp - 1
+        return (first + last) * (cfg.vocab_size // tp * hidden) \
+            + cfg.num_layers // pp * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
+            + last * _norm(hidden, True)
+    first, last = stage == 0, stage == pp - 1
+    total = (first + last) * (cfg.vocab_size // tp * hidden)  # embeddings, untied output layer
+    size = len(cfg.hybrid_pattern) // pp
+    for symbol in cfg.hybrid_pattern[stage * size:(stage + 1) * size]:
         if symbol == "M":
             total += _mamba_layer(cfg, tp)
         elif symbol == "*":
             total += _attention(hidden, tp, bias=False)  # RMSNorm: weight only
         else:
             total += hidden + _mlp(hidden, cfg.ffn_hidden_size, tp)  # RMSNorm + MLP
-    return total + hidden  # final RMSNorm
+    return total + last * hidden  # final RMSNorm
 
 
 def images_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) -> int:
@@ -95,18 +101,19 @@ class RankMemory:
         return self.weights + self.grads + self.main_params + self.adam
 
 
-def branch_parameters(cfg: MimoConfig, branch: str) -> int:
-    """Parameters on one rank of ``branch``."""
-    tp = cfg.parallel(branch).tp
+def branch_parameters(cfg: MimoConfig, branch: str, stage: int = 0) -> int:
+    """Parameters on one rank of pipeline stage ``stage`` of ``branch``."""
+    layout = cfg.parallel(branch)
     if branch == IMAGES:
-        return images_parameters(cfg.images, cfg.language.hidden_size, tp)
-    return language_parameters(cfg.language, tp)
+        return images_parameters(cfg.images, cfg.language.hidden_size, layout.tp)
+    return language_parameters(cfg.language, layout.tp, layout.pp, stage)
 
 
-def rank_memory(cfg: MimoConfig, branch: str) -> RankMemory:
-    """Memory of one rank of ``branch``: 16-bit training keeps fp32 main params; the distributed
-    optimizer shards main params and Adam moments over the branch's DP ranks."""
-    params, dp = branch_parameters(cfg, branch), cfg.parallel(branch).dp
+def rank_memory(cfg: MimoConfig, branch: str, stage: int = 0) -> RankMemory:
+    """Memory of one rank of ``branch`` (at pipeline stage ``stage``): 16-bit training keeps fp32
+    main params; the distributed optimizer shards main params and Adam moments over the
+    branch's DP ranks."""
+    params, dp = branch_parameters(cfg, branch, stage), cfg.parallel(branch).dp
     precision = cfg.precision
     weight_bytes = 4 if precision.name == "fp32" else 2
     grad_bytes = 4 if precision.grads_in_fp32 else 2
@@ -119,10 +126,16 @@ def format_memory(cfg: MimoConfig) -> str:
     """Dry-run lines: parameters and GiB per rank of each branch."""
     gib = float(1 << 30)
     lines = [f"  memory per rank ({cfg.precision.name}, model and optimizer state, no activations):"]
-    for branch in (IMAGES, LANGUAGE):
-        m = rank_memory(cfg, branch)
+    for branch, stage in _branch_stages(cfg):
+        m = rank_memory(cfg, branch, stage)
+        name = branch if cfg.parallel(branch).pp == 1 else f"{branch} stage {stage}"
         lines.append(
-            f"    {branch}: {m.parameters:,} parameters; weights {m.weights / gib:.2f} GiB, grads "
+            f"    {name}: {m.parameters:,} parameters; weights {m.weights / gib:.2f} GiB, grads "
             f"{m.grads / gib:.2f} GiB, fp32 main params {m.main_params / gib:.2f} GiB, Adam "
             f"{m.adam / gib:.2f} GiB, total {m.total / gib:.2f} GiB")
     return "\n".join(lines)
+
+
+def _branch_stages(cfg: MimoConfig) -> list[tuple[str, int]]:
+    return [(branch, stage) for branch in (IMAGES, LANGUAGE)
+            for stage in range(cfg.parallel(branch).pp)]

@@ -36,6 +36,15 @@ def tiny_cpu() -> MimoConfig:
     )
 
 
+def tiny_cpu_pp() -> MimoConfig:
+    """4 CPU ranks: images TP1xDP2 on ranks 0-1, a 4-layer GPT over 2 pipeline stages (TP1xDP1xPP2)
+    on ranks 2-3, run by megatron-core's 1F1B schedule over 4 micro-batches."""
+    base = tiny_cpu()
+    return replace(base, name="tiny_cpu_pp",
+                   language_parallel=ParallelismConfig(tp=1, dp=1, pp=2, offset=2),
+                   language=replace(base.language, num_layers=4))
+
+
 DIGITS_PATH = "data/digits"
 """Where `make train` prepares scikit-learn's digits (git-ignored)."""
 
@@ -72,6 +81,13 @@ def llava_8gpu() -> MimoConfig:
         precision=PrecisionConfig(bf16=True),
         logging=LoggingConfig(log_interval=10),
     )
+
+
+def llava_8gpu_pp() -> MimoConfig:
+    """llava_8gpu with the 7B-class GPT at TP2xPP2 on ranks 4-7 (16 layers per stage): TP stays
+    inside pairs of GPUs, the choice when the GPUs of a node are not all NVLink-connected."""
+    return replace(llava_8gpu(), name="llava_8gpu_pp",
+                   language_parallel=ParallelismConfig(tp=2, dp=1, pp=2, offset=4))
 
 
 def tiny_cpu_nemotron() -> MimoConfig:
@@ -123,7 +139,9 @@ PRESETS: dict[str, Callable[[], MimoConfig]] = {
     "tiny_cpu": tiny_cpu,
     "tiny_cpu_nemotron": tiny_cpu_nemotron,
     "digits_cpu": digits_cpu,
+    "tiny_cpu_pp": tiny_cpu_pp,
     "llava_8gpu": llava_8gpu,
+    "llava_8gpu_pp": llava_8gpu_pp,
     "nemotron_8gpu": nemotron_8gpu,
 }
 

@@ -228,12 +228,11 @@ class MimoConfig:
     def __post_init__(self) -> None:
         _require(self.images_parallel.pp == 1,
                  f"the images branch supports pp=1 only, got --encoder-pp {self.images_parallel.pp}")
-        _require(self.language_parallel.pp == 1,
-                 f"training supports --llm-pp 1 only for now, got --llm-pp {self.language_parallel.pp}")
         specs = self.branch_specs()
         check_layout(specs, self.world_size)
         check_batch_split(specs, self.training.global_batch_size, self.job_micro_batch)
         self._validate_model_split()
+        self._validate_pipeline_split()
 
     def parallel(self, branch: str) -> ParallelismConfig:
         """Layout of a branch by name."""
@@ -277,6 +276,25 @@ class MimoConfig:
             _require(self.language.mamba_num_groups % tp == 0 and self.language.mamba_num_heads % tp == 0,
                      f"language branch: mamba_num_groups {self.language.mamba_num_groups} and mamba "
                      f"heads {self.language.mamba_num_heads} must divide by tp {tp}")
+
+    def _validate_pipeline_split(self) -> None:
+        """Language stages: equal layer counts, and at least one micro-batch per stage (else
+        1F1B never reaches its steady state and the stages idle)."""
+        pp = self.language_parallel.pp
+        if pp == 1:
+            return
+        layers = self.language.num_layers
+        what = f"num_layers {layers}"
+        if self.language.kind == "mamba_hybrid":
+            what = f"hybrid_pattern {self.language.hybrid_pattern!r} ({layers} layers)"
+        _require(layers % pp == 0, (
+            f"language branch: {what} cannot be split over --llm-pp {pp} stages "
+            f"(needs a multiple of {pp} layers)"))
+        _require(self.num_microbatches >= pp, (
+            f"--llm-pp {pp} needs at least {pp} micro-batches per iteration, got "
+            f"{self.num_microbatches} (--global-batch-size {self.training.global_batch_size} / "
+            f"(--micro-batch-size {self.training.micro_batch_size} x --llm-dp "
+            f"{self.language_parallel.dp}))"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for logs and checkpoints)."""

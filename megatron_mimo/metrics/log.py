@@ -21,11 +21,14 @@ KNOWN_WARNINGS = (
     r"`torch\.distributed\.\w+` is deprecated",
     "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
     "'pin_memory' argument is set as true but no accelerator is found",
+    "c10d::broadcast_: an autograd kernel was not registered",
 )
 """Python warnings megatron-core and torch print on every process of a CPU run (no TE/apex,
 experimental MIMO API, deprecated collective names, a non-leaf ``.grad`` read inside
-megatron-core, Energon's hard-coded ``pin_memory=True`` on a CPU); none asks the user to do
-anything."""
+megatron-core, Energon's hard-coded ``pin_memory=True`` on a CPU, and the bridge's in-place
+broadcast of a received activation that megatron-core's pipeline schedule backprops through: its
+gradient travels back over the bridge, and language-PP runs match the single-rank reference);
+none asks the user to do anything."""
 
 KNOWN_RECORDS = (
     "full_param_layout not provided",

@@ -27,8 +27,17 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 """Training dtype of each ``--bf16`` / ``--fp16`` / default precision."""
 
 
+def pipeline_overrides(pp: int) -> dict:
+    """TransformerConfig fields megatron-core's multi-module schedule needs (it runs every step):
+    the branch's stage count (else every stage builds every layer, silently) and variable sequence
+    lengths (``schedules.py:2183``), which in turn need the alltoall dispatcher even for a dense
+    model (``transformer_config.py:2646``)."""
+    return {"pipeline_model_parallel_size": pp, "variable_seq_lengths": True,
+            "moe_token_dispatcher_type": "alltoall"}
+
+
 def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.device,
-                             precision: str = "fp32", **overrides) -> TransformerConfig:
+                             precision: str = "fp32", pp: int = 1, **overrides) -> TransformerConfig:
     """TransformerConfig for one branch; CPU-safe fusions off when not on a GPU.
 
     Parameters are created in fp32 (CPU initialisation draws every shard from one fp32 master
@@ -57,5 +66,6 @@ def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.dev
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **pipeline_overrides(pp),
         **overrides,
     )

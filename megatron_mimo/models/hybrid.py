@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_mimo.config import LanguageModelConfig
 from megatron_mimo.models.common import build_transformer_config, te_available
 from megatron_mimo.models.mamba_cpu import CpuMambaMixer
+from megatron_mimo.models.stages import seed_hybrid_layers, stage_flags, stage_pattern
 
 
 def stock_kernels_available(device: torch.device) -> bool:
@@ -67,17 +68,21 @@ def hybrid_stack_spec(device: torch.device) -> ModuleSpec:
     return local_hybrid_stack_spec()
 
 
-def mamba_hybrid_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection,
-                      device: torch.device, precision: str = "fp32") -> ModuleSpec:
-    """ModuleSpec of the Mamba-hybrid language model for ``MimoModel`` (one PP stage)."""
+def mamba_hybrid_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection | None,
+                      device: torch.device, precision: str = "fp32", init_seed: int = 0,
+                      pp: int = 1) -> ModuleSpec:
+    """ModuleSpec of this rank's pipeline stage of the Mamba-hybrid language model for
+    ``MimoModel``: the pattern is split into ``pp`` equal segments (megatron-core picks this
+    stage's), the embedding is on the first stage, output layer and loss on the last. Layers
+    initialise from ``init_seed`` and their global number, whatever the split."""
     config = build_transformer_config(
-        cfg, tp, device, precision, normalization="RMSNorm",
+        cfg, tp, device, precision, pp=pp, normalization="RMSNorm",
         mamba_state_dim=cfg.mamba_state_dim, mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups)
     return ModuleSpec(module=MambaModel, params={
-        "config": config, "hybrid_stack_spec": hybrid_stack_spec(device),
+        "config": config, "hybrid_stack_spec": seed_hybrid_layers(hybrid_stack_spec(device), init_seed),
         "vocab_size": cfg.vocab_size, "max_sequence_length": cfg.seq_length,
-        "hybrid_layer_pattern": cfg.hybrid_pattern, "position_embedding_type": "none",
-        "share_embeddings_and_output_weights": False, "pre_process": True, "post_process": True,
-        "pg_collection": pgs,
+        "hybrid_layer_pattern": stage_pattern(cfg.hybrid_pattern, pp),
+        "position_embedding_type": "none", "share_embeddings_and_output_weights": False,
+        **stage_flags(pgs), "pg_collection": pgs,
     })

@@ -16,7 +16,6 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -115,22 +114,38 @@ class CpuMambaMixer(MambaMixer):
         self._mark_tp(self.norm.weight)
 
     def _build_ssm_parameters(self, A_init_range, dt_min, dt_max, dt_init_floor) -> None:
+        """Drawn whole from the default generator and sliced to this TP rank (as megatron-core's
+        CPU initialisation does for linear layers): the values depend neither on the TP size nor,
+        since every layer reseeds, on the pipeline split."""
         dtype = self.config.params_dtype
-        conv_dim = self.d_inner_local_tp + 2 * self.ngroups_local_tp * self.d_state
-        with get_cuda_rng_tracker().fork():  # TP-rank-specific values, as in MambaMixer
-            self.conv1d_weight = nn.Parameter(torch.empty(conv_dim, 1, self.d_conv, dtype=dtype))
-            nn.init.kaiming_uniform_(self.conv1d_weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(self.d_conv)
-            self.conv1d_bias = nn.Parameter(torch.empty(conv_dim, dtype=dtype).uniform_(-bound, bound))
-            dt = torch.exp(torch.rand(self.nheads_local_tp, dtype=dtype)
-                           * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-            A = torch.empty(self.nheads_local_tp, dtype=torch.float32).uniform_(*A_init_range)
-            self.A_log = nn.Parameter(torch.log(A))
+        conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        weight = torch.empty(conv_dim, 1, self.d_conv, dtype=dtype)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.d_conv)
+        bias = torch.empty(conv_dim, dtype=dtype).uniform_(-bound, bound)
+        dt = torch.exp(torch.rand(self.nheads, dtype=dtype)
+                       * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+        A = torch.empty(self.nheads, dtype=torch.float32).uniform_(*A_init_range)
+        rows, heads = self._local_conv_rows(), self._local_heads()
+        self.conv1d_weight = nn.Parameter(weight[rows].clone())
+        self.conv1d_bias = nn.Parameter(bias[rows].clone())
+        self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt)))[heads].clone())
+        self.A_log = nn.Parameter(torch.log(A)[heads].clone())
         self.D = nn.Parameter(torch.ones(self.nheads_local_tp))
         for param in (self.conv1d_weight, self.conv1d_bias, self.dt_bias, self.A_log, self.D):
             self._mark_tp(param)
+
+    def _local_heads(self) -> slice:
+        rank = self.tp_group.rank()
+        return slice(rank * self.nheads_local_tp, (rank + 1) * self.nheads_local_tp)
+
+    def _local_conv_rows(self) -> torch.Tensor:
+        """This TP rank's rows of the whole conv: its x channels, then its B and its C groups."""
+        rank, x_local = self.tp_group.rank(), self.d_inner_local_tp
+        bc_local, bc_whole = self.ngroups_local_tp * self.d_state, self.ngroups * self.d_state
+        x = torch.arange(rank * x_local, (rank + 1) * x_local)
+        b = self.d_inner + torch.arange(rank * bc_local, (rank + 1) * bc_local)
+        return torch.cat([x, b, b + bc_whole])
 
     @staticmethod
     def _mark_tp(param: nn.Parameter) -> None:

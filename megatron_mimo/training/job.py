@@ -9,9 +9,12 @@ import torch
 from megatron.core.distributed import DistributedDataParallel
 from megatron.core.models.mimo import MimoModel
 from megatron.core.models.mimo.optimizer import MimoOptimizer
-from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
+from megatron.core.pipeline_parallel.multimodule_communicator import (
+    MultiModulePipelineCommunicator,
+)
+from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
 
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.layout import LANGUAGE
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.data.source import BranchData, build_branch_data
 from megatron_mimo.distributed.runtime import Runtime
@@ -23,6 +26,7 @@ from megatron_mimo.training.optimizer import (
     build_mimo_optimizer,
     build_schedulers,
 )
+from megatron_mimo.training.pipeline import build_pipeline_communicator, schedule_process_groups
 from megatron_mimo.training.seeding import seed_rank
 
 logger = logging.getLogger(__name__)
@@ -38,7 +42,10 @@ class Job:
     model: MimoModel
     optimizer: MimoOptimizer
     schedulers: BranchSchedulers
-    bridge: BridgeCommunicator
+    pipeline: MultiModulePipelineCommunicator
+    """megatron-core's bridge (images -> language stage 0) + P2P between language stages."""
+    schedule_pgs: MultiModuleProcessGroupCollection
+    """This rank's groups as the multi-module schedule takes them."""
     data: BranchData
     """This rank's part of every global batch (mock samples or Energon loaders)."""
     num_parameters: int = 0
@@ -65,16 +72,12 @@ class Job:
         if self.branch != LANGUAGE:
             return False
         pgs = self.topology.pgs()
-        return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and pgs.pp.rank() == pgs.pp.size() - 1
+        return pgs.tp.rank() == 0 and pgs.dp.rank() == 0 and self.is_last_stage()
 
-
-def build_bridge(topology: Topology, dtype: torch.dtype) -> BridgeCommunicator:
-    """Images -> language bridge (collective: every rank builds it), carrying activations and
-    gradients in the training dtype. Encoder outputs are 2-D ``[tokens, hidden]``, so DP
-    fan-in/fan-out concatenates/splits along dim 0."""
-    return BridgeCommunicator(topology.grid(IMAGES), topology.grid(LANGUAGE),
-                              comm_dtype=dtype, src_module_name=IMAGES,
-                              dest_module_name=LANGUAGE, tensor_ndim=2)
+    def is_last_stage(self) -> bool:
+        """Whether this rank is on its branch's last pipeline stage (images: always)."""
+        pp = self.topology.pgs().pp
+        return pp.rank() == pp.size() - 1
 
 
 def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
@@ -86,8 +89,8 @@ def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     model = build_mimo_model(cfg, topology, runtime.device)
     optimizer = build_mimo_optimizer(cfg, model, topology, runtime.device)
     schedulers = build_schedulers(cfg, optimizer, topology)
-    bridge = build_bridge(topology, TORCH_DTYPES[cfg.precision.name])
-    job = Job(cfg, runtime, topology, model, optimizer, schedulers, bridge, data)
+    job = Job(cfg, runtime, topology, model, optimizer, schedulers,
+              build_pipeline_communicator(topology, model), schedule_process_groups(topology), data)
     job.num_parameters = count_parameters(job)
     return job
 
@@ -104,6 +107,7 @@ def destroy_job(job: Job) -> None:
     """Release the data loaders and the job's process groups (bridge caches, branch grids);
     call on every rank."""
     job.data.close()
-    job.bridge.destroy_broadcast_pgs()
-    job.bridge.destroy_bridge_pgs()
+    for bridge in job.pipeline.bridge_comms:
+        bridge.destroy_broadcast_pgs()
+        bridge.destroy_bridge_pgs()
     job.topology.destroy()

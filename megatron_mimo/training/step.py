@@ -1,10 +1,10 @@
 """One training step and one evaluation pass of a built :class:`~megatron_mimo.training.job.Job`.
 
 A step, on every rank of the world, in this order:
-1. micro-steps: images ranks encode and send over the bridge, then backprop the gradient that
-   comes back (encoding the next micro-step while the language ranks work on the current one);
-   language ranks receive, run the LLM with per-token loss, backprop, send the embedding
-   gradient back;
+1. the global batch's micro-batches through megatron-core's multi-module 1F1B schedule
+   (:mod:`.pipeline`): images ranks encode and send over the bridge to the first language stage,
+   language stages pass activations on, the last one computes the per-token loss; gradients
+   flow back the same way, down to the encoder;
 2. per-branch DP grad sync (DDP, summed), then one world all-reduce of (loss sum, token count)
    and every gradient scaled by 1 / global token count (the loss is a mean over all tokens);
 3. ``MimoOptimizer.step()`` (world-agreed found-inf, grad norm, success);
@@ -22,10 +22,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
-from megatron_mimo.data.source import TEXT_FIELDS, Batch
-from megatron_mimo.models.vision import images_inputs
+from megatron_mimo.config.layout import LANGUAGE
 from megatron_mimo.training.job import Job
+from megatron_mimo.training.pipeline import pipeline_forward_backward
 from megatron_mimo.training.state import EvalResult, StepResult
 
 logger = logging.getLogger(__name__)
@@ -46,111 +45,10 @@ class PhaseTimer:
             self.ms[name] += (time.perf_counter() - start) * 1e3
 
 
-def _images_forward(job: Job, batch: Batch, timer: PhaseTimer,
-                    forward_only: bool) -> torch.Tensor:
-    pixels = batch["pixels"].to(job.runtime.device, job.dtype)
-    with timer("images"), torch.set_grad_enabled(not forward_only):
-        outputs, _ = job.model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
-    # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
-    return outputs[IMAGES].to(job.dtype)
-
-
-def _images_steps(job: Job, batches: list[Batch], timer: PhaseTimer, forward_only: bool) -> None:
-    """Images side of one global batch. The encoder computes micro-step m+1 while the language
-    ranks work on m: send F0; then per m: forward m+1, receive grad m, backward m, send F(m+1).
-    Bridge calls pair up in the order the language side makes them (recv F m, send grad m)."""
-    if forward_only:
-        for micro in batches:
-            embeddings = _images_forward(job, micro, timer, forward_only=True)
-            with timer("bridge"):
-                job.bridge.send_forward(embeddings)
-        return
-    pending = _images_forward(job, batches[0], timer, forward_only=False)
-    with timer("bridge"):
-        job.bridge.send_forward(pending.detach())
-    for step in range(len(batches)):
-        upcoming = None
-        if step + 1 < len(batches):
-            upcoming = _images_forward(job, batches[step + 1], timer, forward_only=False)
-        with timer("bridge"):
-            grad = job.bridge.recv_backward()
-        with timer("images"):
-            torch.autograd.backward(pending, grad)
-        if upcoming is not None:
-            with timer("bridge"):
-                job.bridge.send_forward(upcoming.detach())
-            pending = upcoming
-
-
-def _language_forward(job: Job, batch: dict[str, torch.Tensor],
-                      image_embeddings: torch.Tensor, labels: bool) -> torch.Tensor:
-    """Per-token loss (``labels``) or this TP rank's vocabulary slice of the logits."""
-    job.model.set_input_tensor({IMAGES: image_embeddings})
-    output, _ = job.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                          attention_mask=None, loss_mask=batch["loss_mask"],
-                          labels=batch["labels"] if labels else None)
-    return output
-
-
-def _language_micro_step(job: Job, micro: Batch, timer: PhaseTimer,
-                         forward_only: bool) -> torch.Tensor:
-    """(loss sum, loss tokens, correct answers, answers) of one micro-batch on this rank."""
-    batch = {k: micro[k].to(job.runtime.device) for k in TEXT_FIELDS}
-    with timer("bridge"):
-        received = job.bridge.recv_forward()
-    image_embeddings = received.detach().requires_grad_(not forward_only)
-    with timer("language"), torch.set_grad_enabled(not forward_only):
-        token_loss = _language_forward(job, batch, image_embeddings, labels=True)
-        loss_sum = (token_loss.float() * batch["loss_mask"]).sum()
-        if not forward_only:  # fp16: the loss scale (1 otherwise); unscaled in prepare_grads
-            (loss_sum * job.optimizer.get_loss_scale().item()).backward()
-    if not forward_only:
-        with timer("bridge"):
-            job.bridge.send_backward(image_embeddings.grad)
-        correct = torch.zeros((), device=job.runtime.device)
-    else:
-        with timer("language"), torch.no_grad():
-            logits = _language_forward(job, batch, image_embeddings, labels=False)
-            correct = count_correct_answers(job, logits, batch)
-    answers = torch.tensor(float(len(micro["keys"])), device=job.runtime.device)
-    return torch.stack([loss_sum.detach(), batch["loss_mask"].sum(), correct, answers])
-
-
-def count_correct_answers(job: Job, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Samples whose argmax over the whole vocabulary, at the position whose label is the
-    answer word, is that word. Logits are split over the language TP ranks by vocabulary: each
-    rank offers its best (value, id) and the TP group picks the highest."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    at_answer = logits[rows, batch["answer_position"]].float()  # [b, vocab / tp]
-    best, index = at_answer.max(dim=-1)
-    tp = job.topology.pgs().tp
-    index = index + tp.rank() * at_answer.shape[-1]
-    candidates = [torch.empty_like(best) for _ in range(tp.size())]
-    ids = [torch.empty_like(index) for _ in range(tp.size())]
-    dist.all_gather(candidates, best, group=tp)
-    dist.all_gather(ids, index, group=tp)
-    winner = torch.stack(candidates).argmax(dim=0)
-    predicted = torch.stack(ids)[winner, rows]
-    answer = batch["labels"][rows, batch["answer_position"]]
-    return (predicted == answer).sum().float()
-
-
-def forward_backward(job: Job, batches: list[Batch], timer: PhaseTimer,
-                     forward_only: bool = False) -> torch.Tensor:
-    """Run every micro-step of one global batch; return this rank's sums (loss, loss tokens,
-    correct answers, answers); zeros on images ranks."""
-    sums = torch.zeros(4, device=job.runtime.device)
-    if job.branch == IMAGES:
-        _images_steps(job, batches, timer, forward_only)
-        return sums
-    for micro in batches:
-        sums += _language_micro_step(job, micro, timer, forward_only)
-    return sums
-
-
 def world_sums(job: Job, sums: torch.Tensor) -> list[float]:
-    """Sum per-rank totals over the world, counting each language DP replica once."""
-    counts = job.branch == LANGUAGE and job.topology.tp_rank() == 0
+    """Sum per-rank totals over the world, counting each language DP replica once (its TP rank 0
+    of the last pipeline stage, where the loss is)."""
+    counts = job.branch == LANGUAGE and job.topology.tp_rank() == 0 and job.is_last_stage()
     totals = sums if counts else torch.zeros_like(sums)
     dist.all_reduce(totals)
     return totals.tolist()
@@ -165,7 +63,7 @@ def train_step(job: Job) -> StepResult:
     job.optimizer.zero_grad()
     with timer("data"):
         batches = job.data.next_global_batch()
-    sums = forward_backward(job, batches, timer)
+    sums = pipeline_forward_backward(job, batches, timer, forward_only=False)
     with timer("grad_sync"):
         ddp.finish_grad_sync()
         total_loss, total_tokens, _, _ = world_sums(job, sums)
@@ -188,7 +86,7 @@ def evaluate(job: Job) -> EvalResult:
     totals = [0.0] * 4
     try:
         for batches in job.data.eval_batches(job.cfg.training.eval_iters):
-            sums = world_sums(job, forward_backward(job, batches, timer, forward_only=True))
+            sums = world_sums(job, pipeline_forward_backward(job, batches, timer, forward_only=True))
             totals = [total + value for total, value in zip(totals, sums, strict=True)]
     finally:
         job.model.train()

@@ -6,44 +6,13 @@ import json
 
 import pytest
 
-from tests.harness import run_world
+from tests.resume_worlds import CASES, NEMOTRON, PP2, A, B
 from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 
 pytestmark = pytest.mark.dist
 
-WORKER = "tests.workers.ckpt_world"
-A = "images_tp1dp2_language_tp2dp1"
-B = "images_tp2dp1_language_tp1dp2"  # saves its optimizer state fully_reshardable
-NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tiny_cpu_nemotron)
-RANKS = {A: 4, B: 4, TWO_RANKS: 2, NEMOTRON: 4}
-FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
-ASYNC = {"checkpoint.async_save": True}
-OVERRIDES = {A: {}, B: {**FULLY, **ASYNC}, TWO_RANKS: ASYNC, NEMOTRON: {}}
-"""B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves."""
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ckpt")
-
-
-@pytest.fixture(scope="module")
-def saved(root):
-    return {layout: run_world(WORKER, RANKS[layout], {"mode": "straight_and_saved", "layout": layout,
-                                                      "root": str(root / layout),
-                                                      "overrides": OVERRIDES[layout]}, timeout=300)
-            for layout in RANKS}
-
-
-@pytest.fixture(scope="module")
-def resumed(root, saved):
-    # A first probes B's fully_reshardable checkpoint (another layout), B probes A's
-    # dp_reshardable one (must be refused at once), then each resumes its own.
-    foreign = {A: root / B, B: root / A, TWO_RANKS: None, NEMOTRON: None}
-    return {layout: run_world(WORKER, RANKS[layout], {
-        "mode": "resumed", "layout": layout, "root": str(root / layout), "overrides": OVERRIDES[layout],
-        "foreign_root": str(foreign[layout]) if foreign[layout] else None}, timeout=300)
-        for layout in RANKS}
+RANKS = {name: ranks for name, (_, ranks, _) in CASES.items() if name in (A, B, TWO_RANKS, NEMOTRON, PP2)}
+"""The layouts (fp32); test_precision checks the bf16 / fp16 cases of the same worlds."""
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
@@ -79,6 +48,55 @@ def test_rng_streams_and_data_indices_continue(saved, resumed, layout):  # modes
 def test_loss_right_after_load_equals_loss_at_save(saved, resumed, layout):  # mode 5
     for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
         assert rank_resumed["eval_after_load"] == rank_saved["eval_at_save"]
+
+
+def test_pipeline_resume_is_bitwise_inside_warmup(saved, resumed):
+    lrs = [r["lr"]["language"] for r in saved[PP2][0]["straight"]]
+    assert lrs[N - 1] < max(lrs) and lrs.index(max(lrs)) >= N  # resume point inside warmup
+    for rank_saved, rank_resumed in zip(saved[PP2], resumed[PP2], strict=True):
+        for want, got in zip(rank_saved["straight"][N:], rank_resumed["records"], strict=True):
+            for key in EXACT_KEYS:
+                assert got[key] == want[key], (got["iteration"], key, got[key], want[key])
+        assert rank_resumed["eval_after_load"] == rank_saved["eval_at_save"]
+        assert rank_resumed["rng"] == rank_saved["snapshot"]["rng"]
+        assert rank_resumed["adam_equal"] and rank_resumed["main_params_equal"]
+        assert set(rank_resumed["steps_after_load"]) == {float(N)}
+
+
+def test_fully_reshardable_resumes_across_a_language_pp_change(saved, resumed):
+    for source, ranks, probe in ((saved[PP2], resumed[A], "from_pp2"),
+                                 (saved[B], resumed[PP2], "from_pp1")):
+        for rank in ranks:
+            assert rank[probe]["ok"], (probe, rank[probe])
+            assert rank[probe]["iteration"] == N
+            assert rank[probe]["eval"] == pytest.approx(source[0]["eval_at_save"], rel=1e-5), probe
+
+
+def test_dp_reshardable_refuses_a_language_pp_change(resumed):
+    for rank in resumed[PP2]:
+        error = rank["from_pp1_dp"]["error"]
+        assert not rank["from_pp1_dp"]["ok"] and "CheckpointError" in error
+        assert "cannot resume the language branch" in error
+        assert "language TP2xDP1xPP1 on ranks 2-3" in error and "language TP1xDP1xPP2 on ranks 2-3" in error
+
+
+def test_every_language_layer_is_saved_once_across_stages(root, saved):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from tests.workers.ckpt_world import make_cfg
+
+    num_layers = make_cfg(PP2).language.num_layers
+    metadata = FileSystemReader(str(root / PP2 / f"iter_{N:07d}")).read_metadata()
+    layer_keys = [k for k in metadata.state_dict_metadata
+                  if k.startswith("language_model.decoder.layers.") and "_extra_state" not in k]
+    assert layer_keys
+    for key in layer_keys:
+        tensor = metadata.state_dict_metadata[key]
+        assert tensor.size[0] == num_layers, key  # global layer axis, not one stage's
+        layers = [chunk.offsets[0] + i for chunk in tensor.chunks for i in range(chunk.sizes[0])]
+        assert sorted(layers) == list(range(num_layers)), (key, layers)
+    for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+        assert len(metadata.state_dict_metadata[key].chunks) == 1, key
 
 
 @pytest.mark.parametrize("layout", [A, B])  # dp_reshardable and fully_reshardable
@@ -150,8 +168,8 @@ def test_checkpoint_layout_on_disk(root, saved):
 
 
 @pytest.fixture(scope="module")
-def flags(root, saved):
-    return run_world(WORKER, 2, {"mode": "flags", "root": str(root / TWO_RANKS)}, timeout=300)
+def flags(resumed):
+    return resumed["flags"]
 
 
 def test_no_load_optim_starts_adam_fresh_but_continues_schedule(saved, flags):

@@ -8,8 +8,14 @@ pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
-def reference():
+def references():
+    """Single-rank truth for the GPT and the Mamba-hybrid language model."""
     return run_world("tests.workers.training_world", 1, {"mode": "reference"}, timeout=240)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["gpt"]
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +81,52 @@ def test_dry_run_parameter_count_matches_the_built_model(layouts, layout):
     for rank in layouts:
         got = rank[layout]
         assert got["local_parameters"] == branch_parameters(cfg, got["branch"]), (layout, got["branch"])
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return run_world("tests.workers.training_world", 4, {"mode": "pipeline"}, timeout=400)
+
+
+@pytest.mark.parametrize("kind, run", [("gpt", "pipeline"), ("mamba_hybrid", "hybrid")])
+def test_language_pp2_matches_single_rank_reference(pipeline, references, kind, run):
+    """megatron-core's 1F1B schedule, language over 2 stages, 4 micro-batches (2 per stage)."""
+    assert [r[run]["branch"] for r in pipeline] == ["images", "images", "language", "language"]
+    for rank in pipeline:
+        records = rank[run]["records"]
+        for step, (got, want) in enumerate(zip(records, references[kind], strict=True)):
+            assert _rel(got["loss"], want["loss"]) < 1e-6, (rank["world_rank"], step, got, want)
+            assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (step, got, want)
+            assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+            assert not got["skipped"]
+        assert all(r["params_changed"] for r in records[1:])  # every stage and the encoder learn
+
+
+def test_language_pp2_evaluates_like_one_stage(pipeline, layouts):
+    """Held-out loss and answer accuracy after the same training: PP2 (last stage, a second
+    logits pass) against the one-stage language TP2 layout; every rank holds the same values."""
+    one_stage = layouts[0]["images_tp1dp2_language_tp2dp1"]["eval"]
+    assert one_stage["accuracy"] > 0  # else a PP2 that counts nothing would pass
+    for rank in pipeline:
+        got = rank["pipeline"]["eval"]
+        assert _rel(got["loss"], one_stage["loss"]) < 1e-5, (got, one_stage)
+        assert got["accuracy"] == one_stage["accuracy"], (got, one_stage)
+
+
+def test_found_inf_on_last_language_stage_only_skips_everywhere(pipeline):
+    for rank in pipeline:
+        first, injected, after = rank["found_inf"]["records"]
+        assert injected["skipped"], f"rank {rank['world_rank']} did not skip"
+        assert not injected["params_changed"] and injected["lr"] == injected["lr_before"]
+        assert not first["skipped"] and not after["skipped"] and after["params_changed"]
+
+
+@pytest.mark.parametrize("run", ["pipeline", "hybrid"])
+def test_dry_run_parameter_count_matches_each_pipeline_stage(pipeline, run):
+    from megatron_mimo.config.memory import branch_parameters
+    from tests.workers.training_world import HYBRID, PIPELINE, test_config
+
+    cfg = test_config({**PIPELINE, **(HYBRID if run == "hybrid" else {})})
+    for rank in pipeline:
+        got = rank[run]
+        assert got["local_parameters"] == branch_parameters(cfg, got["branch"], got["stage"]), got["stage"]

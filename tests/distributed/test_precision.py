@@ -5,50 +5,15 @@ checkpoint keys do not depend on the precision."""
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.harness import run_world
+from tests.resume_worlds import CASES as ALL
+from tests.resume_worlds import OVERFLOW_AT
 from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 
 pytestmark = pytest.mark.dist
 
-WORKER = "tests.workers.ckpt_world"
-A = "images_tp1dp2_language_tp2dp1"
-BF16 = {"precision.bf16": True}
-FP16 = {"precision.fp16": True, "precision.initial_loss_scale": 256.0, "precision.hysteresis": 1,
-        "precision.loss_scale_window": 2}
-OVERFLOW_AT = 2  # inside warmup, before the save at iteration N
-CASES = {  # name: (layout, ranks, overrides)
-    "fp32_two_ranks": (TWO_RANKS, 2, {}),
-    "bf16_two_ranks": (TWO_RANKS, 2, BF16),
-    "bf16_four_ranks": (A, 4, BF16),
-    "fp16_two_ranks": (TWO_RANKS, 2, FP16),
-}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.mktemp("precision")
-
-
-@pytest.fixture(scope="module")
-def saved(root):
-    return {name: run_world(WORKER, ranks, {
-        "mode": "straight_and_saved", "layout": layout, "root": str(root / name),
-        "overrides": overrides,
-        "inject_overflow_at": OVERFLOW_AT if name.startswith("fp16") else None}, timeout=300)
-        for name, (layout, ranks, overrides) in CASES.items()}
-
-
-@pytest.fixture(scope="module")
-def resumed(root, saved):
-    # the bf16 two-rank run first tries to resume the fp32 checkpoint (refused: another
-    # precision's optimizer state), then loads its weights with --finetune
-    fp32 = str(root / "fp32_two_ranks")
-    extra = {"bf16_two_ranks": {"foreign_root": fp32, "finetune_root": fp32,
-                                "no_load_optim_probe": True}}
-    return {name: run_world(WORKER, ranks, {
-        "mode": "resumed", "layout": layout, "root": str(root / name), "overrides": overrides,
-        **extra.get(name, {})}, timeout=300)
-        for name, (layout, ranks, overrides) in CASES.items()}
+FP32 = TWO_RANKS
+"""The fp32 two-rank case (it saves asynchronously; the records do not depend on that)."""
+CASES = {name: ALL[name] for name in (FP32, "bf16_two_ranks", "bf16_four_ranks", "fp16_two_ranks")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -72,7 +37,7 @@ def test_fp32_main_params_after_load_equal_the_saved_ones_bitwise(resumed, case)
 
 
 def test_bf16_follows_fp32_and_learns(saved):
-    fp32 = [r["loss"] for r in saved["fp32_two_ranks"][0]["straight"]]
+    fp32 = [r["loss"] for r in saved[FP32][0]["straight"]]
     bf16 = [r["loss"] for r in saved["bf16_two_ranks"][0]["straight"]]
     assert bf16[-1] < bf16[0]
     for a, b in zip(fp32, bf16, strict=True):
@@ -105,7 +70,7 @@ def test_resume_in_another_precision_needs_finetune(saved, resumed):
         assert "trained in fp32 and this run trains in bf16" in rank["foreign"]["error"]
         assert "--finetune" in rank["foreign"]["error"]
         assert rank["finetune"]["iteration"] == 0
-    fp32_eval = saved["fp32_two_ranks"][0]["eval_at_save"]
+    fp32_eval = saved[FP32][0]["eval_at_save"]
     assert resumed["bf16_two_ranks"][0]["finetune"]["eval"] == pytest.approx(fp32_eval, rel=1e-2)
 
 
@@ -129,6 +94,6 @@ def _model_keys(directory):
 
 def test_model_keys_are_the_same_in_every_precision(root, saved):
     iteration = f"iter_{N:07d}"
-    keys = {name: _model_keys(root / name / iteration) for name in CASES if "two_ranks" in name}
-    assert keys["fp32_two_ranks"] and len(set(map(frozenset, keys.values()))) == 1
+    keys = {name: _model_keys(root / name / iteration) for name in (FP32, "bf16_two_ranks", "fp16_two_ranks")}
+    assert keys[FP32] and len(set(map(frozenset, keys.values()))) == 1
     assert not any(".module." in key for key in keys["bf16_two_ranks"])

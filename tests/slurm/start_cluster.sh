@@ -99,8 +99,8 @@ SlurmctldHost=localhost
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# default 120 s would delay every requeue by 2 minutes
-AuthInfo=cred_expire=10
+# default 120 s would delay every requeue by 2 minutes; with 5 a requeued job restarts ~6 s later
+AuthInfo=cred_expire=5
 CredType=cred/munge
 StateSaveLocation=$DIR/state/ctld
 SlurmdSpoolDir=$DIR/state/d

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.dist
 
 HERE = Path(__file__).resolve().parent
 CLUSTER_DIR = Path(os.environ.get("MIMO_SLURM_TEST_DIR", "/tmp/mimo-slurm"))
-TRAIN_ITERS = 30
+TRAIN_ITERS = 20
 COMPARED = ("iteration", "consumed_samples", "loss", "grad_norm", "lr")
 
 

@@ -121,6 +121,29 @@ def test_errors_name_flags_not_config_fields(capsys, monkeypatch):
     assert err.startswith("megatron-mimo: error: --encoder-image-size 30 must divide by patch_size")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--llm-pp", "3", "--llm-offset", "2"],
+     "language branch: num_layers 4 cannot be split over --llm-pp 3 stages"),
+    (["--global-batch-size", "2"], "--llm-pp 2 needs at least 2 micro-batches per iteration, got 1"),
+    (["--encoder-pp", "2"], "the images branch supports pp=1 only, got --encoder-pp 2"),
+    (["--llm-kind", "mamba_hybrid", "--hybrid-override-pattern", "M*M", "--num-layers", "3"],
+     "language branch: hybrid_pattern 'M*M' (3 layers) cannot be split over --llm-pp 2 stages"),
+])
+def test_pipeline_errors_are_one_line_in_dry_run(capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["--config", "tiny_cpu_pp", *argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("megatron-mimo: error: ") and message in err, err
+
+
+def test_dry_run_prints_pipeline_stages(capsys):
+    assert main(["--config", "tiny_cpu_pp", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "language TP1xDP1xPP2 on ranks 2-3" in out
+    assert "2 stages x 2 layer(s)" in out
+    assert "language stage 0: 83,328 parameters" in out and "language stage 1: 83,456 parameters" in out
+
+
 def test_data_command_runs_without_torchrun_and_reports_one_line(tmp_path, capsys):
     assert main(["data", "prepare-digits", str(tmp_path)]) == 1  # exists already
     err = capsys.readouterr().err.strip()

@@ -5,7 +5,8 @@ Modes (args["mode"]):
   "straight_and_saved"  2N iterations straight; then N iterations, save, stop (same processes)
   "resumed"             fresh processes: load that checkpoint, check it, train N more
   "flags"               load one checkpoint several times with --no-load-* / --finetune
-Every record is the production iteration record (``Trainer.step()``).
+Every record is the production iteration record (``Trainer.step()``). ``{"runs": [...]}``
+runs several modes in turn in the same processes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ LAYOUTS = {
         "images_parallel.dp": 3, "language_parallel.tp": 1, "language_parallel.offset": 3,
         "training.micro_batch_size": 3, "training.global_batch_size": 6},
     "nemotron_images_tp1dp2_language_tp2dp1": {},  # RADIO + Mamba hybrid
+    "images_tp1dp2_language_pp2": {  # language over 2 pipeline stages, 4 micro-batches
+        "language_parallel.tp": 1, "language_parallel.pp": 2},
 }
 PRESET = {"nemotron_images_tp1dp2_language_tp2dp1": tiny_cpu_nemotron}
 TWO_RANKS = "images_tp1dp1_language_tp1dp1"
@@ -202,19 +205,25 @@ def mode_straight_and_saved(args: dict) -> dict:
     return out
 
 
+def _probe_foreign(layout: str, extra: dict, foreign: dict[str, str]) -> dict:
+    out: dict[str, Any] = {}
+    for name, foreign_root in foreign.items():  # checkpoints saved under another layout
+        probe = Run(make_cfg(layout, {"checkpoint.load": foreign_root, **extra}))
+        try:
+            probe.load()
+            out[name] = {"ok": True, "iteration": probe.state.iteration,
+                         "eval": probe.eval_loss()}
+        except Exception as error:  # noqa: BLE001 - the message is what the test checks
+            out[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+        probe.close()
+    return out
+
+
 def mode_resumed(args: dict) -> dict:
     layout, root = args["layout"], args["root"]
     extra = args.get("overrides", {})
-    out: dict[str, Any] = {}
-    if args.get("foreign_root"):  # a checkpoint saved under another layout
-        probe = Run(make_cfg(layout, {"checkpoint.load": args["foreign_root"], **extra}))
-        try:
-            probe.load()
-            out["foreign"] = {"ok": True, "iteration": probe.state.iteration,
-                              "eval": probe.eval_loss()}
-        except Exception as error:  # noqa: BLE001 - the message is what the test checks
-            out["foreign"] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-        probe.close()
+    foreign = dict(args.get("foreign_roots") or {})
+    out = _probe_foreign(layout, extra, foreign)
     if args.get("finetune_root"):  # weights of a checkpoint in another precision
         probe = Run(make_cfg(layout, {"checkpoint.load": args["finetune_root"],
                                       "checkpoint.finetune": True, **extra}))
@@ -279,7 +288,11 @@ MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed,
 
 
 def body(args: dict) -> Any:
+    """One mode, or ``{"runs": [args, ...]}``: several in turn in these processes (each world
+    start costs ~10 s of imports and set-up; the test suite shares them)."""
     forbid_parallel_state_groups()
+    if "runs" in args:
+        return [MODES[run["mode"]](run) for run in args["runs"]]
     return MODES[args["mode"]](args)
 
 

@@ -26,7 +26,7 @@ FAN_OUT = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_paralle
            "language_parallel.offset": 1, "training.micro_batch_size": 4,
            "training.global_batch_size": 24}
 TWO_RANKS = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.offset": 1}
-LEARN_ITERS = 150
+LEARN_ITERS = 200
 
 
 def make_cfg(data: str, overrides: dict[str, Any]) -> MimoConfig:
@@ -105,7 +105,7 @@ def mode_learning(args: dict) -> dict:
     out = {}
     for name, blank in (("real", False), ("blank", True)):
         with Trainer(make_cfg(args["data"], {**learn, "data.blank_images": blank})) as trainer:
-            losses = [trainer.step()["loss"] for _ in range(LEARN_ITERS)]
+            losses = [trainer.step()["loss"] for _ in range(trainer.cfg.training.train_iters)]
             result = trainer.evaluate()
             out[name] = {"train_loss": losses[-1], "loss": result.loss,
                          "accuracy": result.accuracy}

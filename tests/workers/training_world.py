@@ -5,6 +5,8 @@ mode "reference": 1 rank, both branches built side by side and trained with plai
 mode "hetero": the real job on 2 ranks (images rank 0, language rank 1).
 mode "layouts": the real job on 4 ranks, two layouts in turn, then a found-inf injected on the
     images ranks only.
+mode "pipeline": the real job on 4 ranks with the language branch over 2 pipeline stages
+    (megatron-core's 1F1B schedule, 4 micro-batches), then a found-inf on the last stage only.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ LAYOUTS = {
                                       "language_parallel.tp": 1, "language_parallel.dp": 2,
                                       "training.micro_batch_size": 1},
 }
+PIPELINE = {"language_parallel.tp": 1, "language_parallel.pp": 2}
+"""Images TP1xDP2 on ranks 0-1, language TP1xDP1xPP2 on ranks 2-3: 4 micro-batches."""
+HYBRID = {"language.kind": "mamba_hybrid", "language.num_layers": 4}
+"""The Mamba hybrid 'M*M-': stage 0 runs 'M*', stage 1 'M-'."""
 
 
 def test_config(overrides: dict[str, Any]) -> MimoConfig:
@@ -36,14 +42,17 @@ def test_config(overrides: dict[str, Any]) -> MimoConfig:
     return apply_overrides(tiny_cpu(), {**base, **overrides})
 
 
-def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = None) -> dict:
+def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = None,
+            inject_branch: str = IMAGES) -> dict:
     """Train ``iterations`` steps with the Trainer; each record is the production record plus
     what the test observes around the step (parameters changed, LR before, scheduler steps)."""
     from megatron_mimo.training.trainer import Trainer
 
     records = []
     with Trainer(cfg) as trainer:
-        images_opt = trainer.job.optimizer.module_infos[IMAGES].optimizer
+        images_opt = trainer.job.optimizer.module_infos[inject_branch].optimizer
+        if inject_branch == LANGUAGE and not trainer.job.is_last_stage():
+            images_opt = None  # inject on the last language stage only
         ddp = trainer.job.branch_ddp
         for it in range(1, iterations + 1):
             if inject_found_inf_at == it and images_opt is not None:
@@ -57,7 +66,10 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
                 not torch.equal(b, p) for b, p in zip(before, ddp.parameters(), strict=True))
             record.update(lr_before=lr_before, sched_steps=trainer.job.schedulers.num_steps)
             records.append(record)
+        held_out = trainer.evaluate()
         return {"branch": trainer.branch, "records": records,
+                "eval": {"loss": held_out.loss, "accuracy": held_out.accuracy},
+                "stage": trainer.job.topology.pgs().pp.rank(),
                 "local_parameters": sum(p.numel() for p in ddp.parameters())}
 
 
@@ -70,7 +82,7 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
     from megatron_mimo.data.mock import MockImageText
     from megatron_mimo.distributed.topology import build_topology
     from megatron_mimo.models.common import branch_init_seed
-    from megatron_mimo.models.language import gpt_spec
+    from megatron_mimo.models.mimo import language_spec
     from megatron_mimo.models.vision import images_inputs, images_submodule_spec
     from megatron_mimo.training.optimizer import build_scheduler
     from megatron_mimo.training.seeding import seed_rank
@@ -82,7 +94,7 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
     encoder = VisionModalitySubmodules.from_spec(
         images_submodule_spec(cfg.images, cfg.language.hidden_size, 1, pgs, cpu))
     torch.manual_seed(branch_init_seed(seed, LANGUAGE))
-    lm = build_module(gpt_spec(cfg.language, 1, pgs, cpu))
+    lm = build_module(language_spec(cfg, pgs, cpu))  # GPT or Mamba hybrid, one stage
     opt = cfg.optimizer
     optimizers, schedulers = {}, {}
     for name, module in ((IMAGES, encoder), (LANGUAGE, lm)):
@@ -127,11 +139,19 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
 def body(args: dict[str, Any]) -> Any:
     mode = args["mode"]
     if mode == "reference":
-        return reference(test_config({}), ITERS)
+        return {"gpt": reference(test_config({}), ITERS),
+                "mamba_hybrid": reference(test_config(HYBRID), ITERS)}
     if mode == "hetero":
         cfg = test_config({"images_parallel.dp": 1, "language_parallel.offset": 1,
                            "language_parallel.tp": 1})
         return run_job(cfg, ITERS)
+    if mode == "pipeline":
+        out = {"pipeline": run_job(test_config(PIPELINE), ITERS),
+               "hybrid": run_job(test_config({**PIPELINE, **HYBRID}), ITERS),
+               "found_inf": run_job(test_config(PIPELINE), 3, inject_found_inf_at=2,
+                                    inject_branch=LANGUAGE)}
+        out["world_rank"] = dist.get_rank()
+        return out
     out = {name: run_job(test_config(over), ITERS) for name, over in LAYOUTS.items()}
     out["found_inf"] = run_job(test_config({}), 3, inject_found_inf_at=2)
     out["parallel_state_untouched"] = model_parallel_state_is_untouched()

@@ -1,0 +1,181 @@
+"""Forward/backward of one global batch through megatron-core's multi-module 1F1B schedule.
+
+Every step runs it, with one language stage or many (``--llm-pp N``). The images ranks are the
+first module of the pipeline, the language stages follow; megatron-core's
+``MultiModulePipelineCommunicator`` moves activations and gradients over the bridge (images ->
+language stage 0) and point-to-point between language stages, and its
+``forward_backward_pipelining_without_interleaving`` (given a
+``MultiModuleProcessGroupCollection``) runs warmup / 1F1B / cooldown on every rank. This module
+only provides what the schedule asks of a user: the communicator, the per-rank data iterator,
+the forward step and the loss function (a per-token sum; the global token count divides the
+gradients after the grad sync, :mod:`megatron_mimo.training.step`).
+
+With one language stage the schedule gives the same records, bit for bit, as the hand-written
+step it replaced (encoder one micro-batch ahead, then receive, backprop, send back).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from megatron.core.models.mimo import MimoModel
+from megatron.core.models.mimo.config.role import MIMO_LANGUAGE_MODULE_KEY
+from megatron.core.pipeline_parallel.multimodule_communicator import (
+    MultiModulePipelineCommunicator,
+)
+from megatron.core.pipeline_parallel.schedules import (
+    forward_backward_pipelining_without_interleaving,
+)
+from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
+
+from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.data.source import TEXT_FIELDS, Batch
+from megatron_mimo.distributed.topology import Topology
+from megatron_mimo.models.language import count_correct_answers
+from megatron_mimo.models.vision import images_inputs
+
+if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages by this key
+    raise ImportError(f"megatron-core names the language module {MIMO_LANGUAGE_MODULE_KEY!r}, "
+                      f"this package {LANGUAGE!r}")
+
+PIPELINE_TOPOLOGY = {IMAGES: [LANGUAGE], LANGUAGE: []}
+"""Module DAG of the pipeline: images feed the first language stage."""
+
+REPORTED = ("loss_sum", "num_tokens", "correct", "answers")
+"""What the last stage reports per micro-batch, in the order of the step's sums."""
+
+COMM_METHODS = ("recv_forward", "send_forward", "send_forward_recv_backward",
+                "send_backward_recv_forward", "recv_backward", "send_backward")
+"""Calls the schedule makes on the bridge and P2P communicators (timed: transfer and bubble)."""
+
+
+def build_pipeline_communicator(topology: Topology, model: MimoModel
+                                ) -> MultiModulePipelineCommunicator:
+    """Bridge images -> language stage 0 plus P2P between language stages (collective: every
+    rank builds it). Language activations are ``[s, b, h]``; the encoder output is 2-D
+    ``[tokens, h]`` (without ``module_output_ndim`` gloo aborts on a shape-buffer mismatch)."""
+    return MultiModulePipelineCommunicator(
+        {name: topology.grid(name) for name in (IMAGES, LANGUAGE)}, PIPELINE_TOPOLOGY,
+        model.config, dim_mapping={"s": 0, "b": 1, "h": 2}, module_output_ndim={IMAGES: 2})
+
+
+def schedule_process_groups(topology: Topology) -> MultiModuleProcessGroupCollection:
+    """This rank's branch groups in the form the multi-module schedule takes."""
+    branch = topology.my_branch
+    return MultiModuleProcessGroupCollection(
+        module_pgs={branch: topology.pgs()},
+        language_model_module_name=LANGUAGE if branch == LANGUAGE else None)
+
+
+def _per_token_loss(loss_mask: torch.Tensor, loss_scale: float, extra: dict[str, torch.Tensor],
+                    token_loss: torch.Tensor):
+    """Loss function of the last stage: (sum to backprop, token count, what the step reports).
+    The schedule divides nothing (``calculate_per_token_loss``); the world token count divides
+    the gradients after the grad sync, as in the one-stage step."""
+    loss_sum = (token_loss.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum()
+    reported = {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach().float()}
+    return loss_sum * loss_scale, num_tokens.int(), {**reported, **extra}
+
+
+def make_forward_step(job, forward_only: bool, timer) -> Callable:
+    """The ``forward_step_func`` of this rank: images ranks encode pixels; language stages run
+    their layers (stage 0 merges the received image embeddings, the last stage the loss, and in
+    evaluation a second, logits-only pass that counts the correct answers)."""
+    device, dtype = job.runtime.device, job.dtype
+
+    def images_step(micro: Batch, model):
+        pixels = micro["pixels"].to(device, dtype)
+        outputs, _ = model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
+        # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
+        return {IMAGES: outputs[IMAGES].to(dtype)}, None
+
+    def language_forward(model, batch: dict[str, torch.Tensor], labels: bool):
+        output, _ = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                               attention_mask=None, loss_mask=batch["loss_mask"],
+                               labels=batch["labels"] if labels else None)
+        return output
+
+    def language_step(micro: Batch, model):
+        batch = {k: micro[k].to(device) for k in TEXT_FIELDS}
+        output = language_forward(model, batch, labels=True)
+        extra = {}
+        if forward_only and job.is_last_stage():
+            logits = language_forward(model, batch, labels=False)
+            extra = {"correct": count_correct_answers(logits, batch, job.topology.pgs().tp),
+                     "answers": torch.tensor(float(len(micro["keys"])), device=device)}
+        scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
+        return output, partial(_per_token_loss, batch["loss_mask"], scale, extra)
+
+    step = images_step if job.branch == IMAGES else language_step
+
+    def forward_step(data_iterator: Iterator[Batch], model):
+        start = time.perf_counter()
+        with torch.set_grad_enabled(not forward_only):
+            result = step(next(data_iterator), model)
+        timer.ms["forward"] += (time.perf_counter() - start) * 1e3
+        return result
+
+    return forward_step
+
+
+def _comm_parts(communicator: MultiModulePipelineCommunicator) -> list[tuple[str, object]]:
+    """(phase, object) of every bridge and P2P communicator this rank's schedule calls."""
+    parts = [("bridge", bridge) for bridge in communicator.bridge_comms]
+    parts += [("p2p", info.p2p_communicator) for info in communicator.rank_module_map.values()]
+    return parts
+
+
+def _time_comms(communicator: MultiModulePipelineCommunicator, timer) -> None:
+    """Route the bridge and P2P calls through ``timer('bridge' / 'p2p')`` for one schedule run
+    (instance attributes shadow the methods until :func:`_untime_comms`). The time includes
+    waiting for the peer, i.e. the pipeline bubble."""
+    for phase, part in _comm_parts(communicator):
+        for name in COMM_METHODS:
+            if not hasattr(type(part), name):
+                continue
+            method = getattr(type(part), name).__get__(part)
+
+            def timed(*args, _method=method, _phase=phase, **kwargs):
+                with timer(_phase):
+                    return _method(*args, **kwargs)
+
+            setattr(part, name, timed)
+
+
+def _untime_comms(communicator: MultiModulePipelineCommunicator) -> None:
+    for _, part in _comm_parts(communicator):
+        for name in COMM_METHODS:
+            part.__dict__.pop(name, None)
+
+
+def pipeline_forward_backward(job, batches: list[Batch], timer, forward_only: bool) -> torch.Tensor:
+    """Run every micro-batch of one global batch through the 1F1B schedule; return this rank's
+    sums (loss, loss tokens, correct answers, answers), non-zero on the last language stage only."""
+    communicator = job.pipeline
+    _time_comms(communicator, timer)
+    measured = ("forward", "bridge", "p2p")
+    before = sum(timer.ms.get(k, 0.0) for k in measured)
+    start = time.perf_counter()
+    try:
+        reported = forward_backward_pipelining_without_interleaving(
+            forward_step_func=make_forward_step(job, forward_only, timer),
+            data_iterator=iter(batches), model=[job.model], num_microbatches=len(batches),
+            seq_length=job.cfg.language.seq_length,
+            micro_batch_size=job.cfg.branch_micro_batch(job.branch),
+            forward_only=forward_only, p2p_communicator=communicator,
+            pg_collection=job.schedule_pgs)
+    finally:
+        _untime_comms(communicator)
+    # compute outside the forward steps: the backward passes (and the schedule's bookkeeping)
+    elapsed = (time.perf_counter() - start) * 1e3
+    timer.ms["backward"] += elapsed - (sum(timer.ms.get(k, 0.0) for k in measured) - before)
+    sums = torch.zeros(4, device=job.runtime.device)
+    for item in reported:
+        for column, name in enumerate(REPORTED):
+            if name in item:
+                sums[column] += item[name].to(sums.device)
+    return sums
