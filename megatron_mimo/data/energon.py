@@ -125,12 +125,21 @@ def build_train_loader(spec: ViewSpec, sample_format: SampleFormat):
 
 
 def build_val_loader(spec: ViewSpec, sample_format: SampleFormat):
-    """One in-order pass over the ``val`` split (a fresh loader per evaluation: same samples)."""
+    """One in-order pass over the ``val`` split (a fresh loader per evaluation: same samples).
+
+    Built without Energon's garbage-collector freeze (``get_loader`` always asks for it,
+    ``savable_loader.py:1258``): an in-process loader calls ``gc.freeze()`` when its pass starts
+    and ``gc.unfreeze()`` when it ends (``wrappers/gc_dataset.py:137,148``). The freeze is
+    process-wide, so the end of a val pass also unfroze everything the training loader had
+    frozen; every later full collection then walked ~400k objects (0.5-1 s, every 2-3 steps):
+    training ran ~2.5x slower after the first evaluation."""
     energon = import_energon()
+    from megatron.energon.savable_loader import BasicDataLoader
+
     dataset = energon.get_val_dataset(
         str(spec.path), split_part="val", worker_config=spec.worker_config(),
         batch_size=spec.batch_size, task_encoder=_task_encoder_class()(sample_format))
-    return _own_generator(energon.get_loader(dataset), spec)
+    return _own_generator(BasicDataLoader(dataset, gc_freeze_at_start=False), spec)
 
 
 def _own_generator(loader, spec: ViewSpec):

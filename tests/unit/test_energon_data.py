@@ -4,6 +4,7 @@ agreement between branches (``docs/data.md``)."""
 
 from __future__ import annotations
 
+import gc
 import io
 import math
 import shutil
@@ -201,6 +202,23 @@ def test_loader_state_saved_under_other_settings_is_refused(digits):
     assert same.last_keys == saved.last_keys
     with pytest.raises(DataError, match="lower --eval-iters"):
         next(same.eval_batches(eval_iters=VAL))  # more held-out batches than the split holds
+
+
+def test_an_evaluation_leaves_the_training_loaders_gc_freeze_in_place(digits):
+    """Energon's in-process training loader freezes every live object when it starts (cheap
+    full collections); a val pass that unfroze them all at its end made every later full
+    collection walk the whole heap: steps ~2.5x slower after the first evaluation."""
+    source = _source(digits, LoaderRecord(str(digits), 1, (0,), 0, 1234, 4))
+    try:
+        source.next_global_batch()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        assert len(list(source.eval_batches(eval_iters=1))) == 1
+        gc.collect()  # finalises the val loaders' generators
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        source.close()
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("images_dp, language_dp", [(1, 3), (4, 2)])  # (2, 1): distributed test
