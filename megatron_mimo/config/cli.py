@@ -189,9 +189,7 @@ def format_layout(cfg: MimoConfig) -> str:
     if pp > 1:
         layers = f"{cfg.language.num_layers // pp} layer(s)"
         if cfg.language.kind == "mamba_hybrid":
-            size = cfg.language.num_layers // pp
-            pattern = cfg.language.hybrid_pattern
-            layers += " " + " | ".join(pattern[i:i + size] for i in range(0, len(pattern), size))
+            layers += " " + " | ".join(cfg.language.stage_patterns(pp))
         lines.append(f"  language pipeline: {pp} stages x {layers} (embedding on stage 0, output layer and loss on stage {pp - 1}), "
                      f"megatron-core 1F1B schedule over {cfg.num_microbatches} micro-batches")
     lines.append(format_memory(cfg))

@@ -59,8 +59,7 @@ def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: i
             + last * _norm(hidden, True)
     first, last = stage == 0, stage == pp - 1
     total = (first + last) * (cfg.vocab_size // tp * hidden)  # embeddings, untied output layer
-    size = len(cfg.hybrid_pattern) // pp
-    for symbol in cfg.hybrid_pattern[stage * size:(stage + 1) * size]:
+    for symbol in cfg.stage_patterns(pp)[stage]:
         if symbol == "M":
             total += _mamba_layer(cfg, tp)
         elif symbol == "*":

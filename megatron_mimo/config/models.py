@@ -119,6 +119,12 @@ class LanguageModelConfig(TransformerSizes):
                      f"{self.mamba_head_dim}) must be whole and divide by mamba_num_groups "
                      f"{self.mamba_num_groups}")
 
+    def stage_patterns(self, num_stages: int) -> list[str]:
+        """The hybrid pattern cut into ``num_stages`` equal segments, one per pipeline stage
+        (``'M*M-'``, 2 -> ``['M*', 'M-']``); the split is validated with the layout."""
+        size = len(self.hybrid_pattern) // num_stages
+        return [self.hybrid_pattern[i:i + size] for i in range(0, len(self.hybrid_pattern), size)]
+
     @property
     def mamba_num_heads(self) -> int:
         """Heads of every Mamba mixer (expand 2)."""

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_mimo.config import LanguageModelConfig
 from megatron_mimo.models.common import build_transformer_config, te_available
 from megatron_mimo.models.mamba_cpu import CpuMambaMixer
-from megatron_mimo.models.stages import seed_hybrid_layers, stage_flags, stage_pattern
+from megatron_mimo.models.stages import seed_hybrid_layers, stage_flags
 
 
 def stock_kernels_available(device: torch.device) -> bool:
@@ -82,7 +82,9 @@ def mamba_hybrid_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollec
     return ModuleSpec(module=MambaModel, params={
         "config": config, "hybrid_stack_spec": seed_hybrid_layers(hybrid_stack_spec(device), init_seed),
         "vocab_size": cfg.vocab_size, "max_sequence_length": cfg.seq_length,
-        "hybrid_layer_pattern": stage_pattern(cfg.hybrid_pattern, pp),
+        # '|' between the stage segments: megatron-core's explicit split (its implicit one is
+        # deprecated and warns)
+        "hybrid_layer_pattern": "|".join(cfg.stage_patterns(pp)),
         "position_embedding_type": "none", "share_embeddings_and_output_weights": False,
         **stage_flags(pgs), "pg_collection": pgs,
     })

@@ -101,10 +101,3 @@ def seed_hybrid_layers(stack_spec: ModuleSpec, init_seed: int) -> ModuleSpec:
             module=_seeded_hybrid_class(layer.module), submodules=layer.submodules,
             params={**layer.params, "init_seed": init_seed}))
     return ModuleSpec(module=stack_spec.module, submodules=submodules, params=stack_spec.params)
-
-
-def stage_pattern(pattern: str, num_stages: int) -> str:
-    """A hybrid layer pattern with ``|`` between equal stage segments (``'M*M-'``, 2 ->
-    ``'M*|M-'``): megatron-core's explicit split, instead of its deprecated implicit one."""
-    size = len(pattern) // num_stages
-    return "|".join(pattern[i:i + size] for i in range(0, len(pattern), size))

@@ -86,6 +86,8 @@ def make_forward_step(job, forward_only: bool, timer) -> Callable:
     their layers (stage 0 merges the received image embeddings, the last stage the loss, and in
     evaluation a second, logits-only pass that counts the correct answers)."""
     device, dtype = job.runtime.device, job.dtype
+    # fp16: the loss scale (1 otherwise; unscaled in prepare_grads), read once per global batch
+    scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
 
     def images_step(micro: Batch, model):
         pixels = micro["pixels"].to(device, dtype)
@@ -95,8 +97,8 @@ def make_forward_step(job, forward_only: bool, timer) -> Callable:
 
     def language_forward(model, batch: dict[str, torch.Tensor], labels: bool):
         output, _ = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                               attention_mask=None, loss_mask=batch["loss_mask"],
-                               labels=batch["labels"] if labels else None)
+                          attention_mask=None, loss_mask=batch["loss_mask"],
+                          labels=batch["labels"] if labels else None)
         return output
 
     def language_step(micro: Batch, model):
@@ -107,17 +109,13 @@ def make_forward_step(job, forward_only: bool, timer) -> Callable:
             logits = language_forward(model, batch, labels=False)
             extra = {"correct": count_correct_answers(logits, batch, job.topology.pgs().tp),
                      "answers": torch.tensor(float(len(micro["keys"])), device=device)}
-        scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
         return output, partial(_per_token_loss, batch["loss_mask"], scale, extra)
 
     step = images_step if job.branch == IMAGES else language_step
 
     def forward_step(data_iterator: Iterator[Batch], model):
-        start = time.perf_counter()
-        with torch.set_grad_enabled(not forward_only):
-            result = step(next(data_iterator), model)
-        timer.ms["forward"] += (time.perf_counter() - start) * 1e3
-        return result
+        with timer("forward"), torch.set_grad_enabled(not forward_only):
+            return step(next(data_iterator), model)
 
     return forward_step
 
