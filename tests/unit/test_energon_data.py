@@ -208,6 +208,7 @@ def test_an_evaluation_leaves_the_training_loaders_gc_freeze_in_place(digits):
     """Energon's in-process training loader freezes every live object when it starts (cheap
     full collections); a val pass that unfroze them all at its end made every later full
     collection walk the whole heap: steps ~2.5x slower after the first evaluation."""
+    gc.collect()  # earlier tests' unclosed loaders unfreeze when finalised: not in the window
     source = _source(digits, LoaderRecord(str(digits), 1, (0,), 0, 1234, 4))
     try:
         source.next_global_batch()
