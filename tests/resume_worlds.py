@@ -35,6 +35,7 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {  # name: (layout, ranks, o
     "bf16_two_ranks": (TWO_RANKS, 2, BF16),
     "bf16_four_ranks": (A, 4, BF16),
     "fp16_two_ranks": (TWO_RANKS, 2, FP16),
+    "bf16_nemotron": (NEMOTRON, 4, BF16),
 }
 """B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves;
 TWO_RANKS is also the fp32 run the precision cases compare with."""

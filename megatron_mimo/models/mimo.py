@@ -15,7 +15,7 @@ from megatron_mimo.config.layout import IMAGES, LANGUAGE
 from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.distributed.topology import Topology
-from megatron_mimo.models.common import branch_init_seed
+from megatron_mimo.models.common import TORCH_DTYPES, branch_init_seed
 from megatron_mimo.models.hybrid import mamba_hybrid_spec
 from megatron_mimo.models.language import gpt_spec
 from megatron_mimo.models.vision import images_submodule_spec
@@ -100,6 +100,10 @@ def wrap_branch(module: torch.nn.Module, pgs, config, precision: PrecisionConfig
         module = Float16Module(config, module)
         # Float16Module reads the PP group from pg_collection, else from parallel_state
         module.pg_collection = pgs
+        # the weights are 16-bit from here on (they were created in fp32, see
+        # build_transformer_config); MambaLayer casts its input to params_dtype in forward
+        # (ssm/mamba_layer.py:151): left at fp32 it fed fp32 into 16-bit weights and failed
+        config.params_dtype = TORCH_DTYPES[precision.name]
     return DistributedDataParallel(config=config, ddp_config=ddp_config(precision.grads_in_fp32),
                                    module=module, pg_collection=pgs)
 
