@@ -216,7 +216,8 @@ def test_an_evaluation_leaves_the_training_loaders_gc_freeze_in_place(digits):
         assert frozen > 0
         assert len(list(source.eval_batches(eval_iters=1))) == 1
         gc.collect()  # finalises the val loaders' generators
-        assert gc.get_freeze_count() >= frozen
+        # Frozen objects that die leave the count (a few, not all); an unfreeze empties it.
+        assert gc.get_freeze_count() > 0.9 * frozen
     finally:
         source.close()
         gc.unfreeze()
