@@ -52,13 +52,11 @@ def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: i
     (GPT or Mamba hybrid) at ``tp``: its share of the layers, the word embeddings on the first
     stage, the final norm and the (untied) output layer on the last."""
     hidden = cfg.hidden_size
-    if cfg.kind == "gpt":
-        first, last = stage == 0, stage == pp - 1
-        return (first + last) * (cfg.vocab_size // tp * hidden) \
-            + cfg.num_layers // pp * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
-            + last * _norm(hidden, True)
     first, last = stage == 0, stage == pp - 1
     total = (first + last) * (cfg.vocab_size // tp * hidden)  # embeddings, untied output layer
+    if cfg.kind == "gpt":
+        return total + cfg.num_layers // pp * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
+            + last * _norm(hidden, True)
     for symbol in cfg.stage_patterns(pp)[stage]:
         if symbol == "M":
             total += _mamba_layer(cfg, tp)

@@ -38,14 +38,9 @@ def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> d
 
 def language_spec(cfg: MimoConfig, pgs, device: torch.device) -> ModuleSpec:
     """GPT or Mamba-hybrid language model, by ``--llm-kind``."""
-    if cfg.language.kind == "mamba_hybrid":
-        return mamba_hybrid_spec(cfg.language, cfg.language_parallel.tp, pgs, device,
-                                 cfg.precision.name,
-                                 init_seed=branch_init_seed(cfg.training.seed, LANGUAGE),
-                                 pp=cfg.language_parallel.pp)
-    return gpt_spec(cfg.language, cfg.language_parallel.tp, pgs, device, cfg.precision.name,
-                    init_seed=branch_init_seed(cfg.training.seed, LANGUAGE),
-                    pp=cfg.language_parallel.pp)
+    build = mamba_hybrid_spec if cfg.language.kind == "mamba_hybrid" else gpt_spec
+    return build(cfg.language, cfg.language_parallel.tp, pgs, device, cfg.precision.name,
+                 init_seed=branch_init_seed(cfg.training.seed, LANGUAGE), pp=cfg.language_parallel.pp)
 
 
 def ddp_config(grads_in_fp32: bool) -> DistributedDataParallelConfig:

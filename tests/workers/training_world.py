@@ -50,18 +50,18 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
 
     records = []
     with Trainer(cfg) as trainer:
-        images_opt = trainer.job.optimizer.module_infos[inject_branch].optimizer
+        injected_opt = trainer.job.optimizer.module_infos[inject_branch].optimizer
         if inject_branch == LANGUAGE and not trainer.job.is_last_stage():
-            images_opt = None  # inject on the last language stage only
+            injected_opt = None  # inject on the last language stage only
         ddp = trainer.job.branch_ddp
         for it in range(1, iterations + 1):
-            if inject_found_inf_at == it and images_opt is not None:
-                images_opt.prepare_grads = lambda: True  # found inf on the images ranks only
+            if inject_found_inf_at == it and injected_opt is not None:
+                injected_opt.prepare_grads = lambda: True  # found inf on this branch (stage) only
             before = [p.detach().clone() for p in ddp.parameters()]
             lr_before = trainer.job.schedulers.lrs()
             record = trainer.step()
-            if inject_found_inf_at == it and images_opt is not None:
-                del images_opt.prepare_grads
+            if inject_found_inf_at == it and injected_opt is not None:
+                del injected_opt.prepare_grads
             record["params_changed"] = any(
                 not torch.equal(b, p) for b, p in zip(before, ddp.parameters(), strict=True))
             record.update(lr_before=lr_before, sched_steps=trainer.job.schedulers.num_steps)
