@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.workers.contract import decode
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,7 +35,8 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def run_world(module: str, world_size: int, args: dict[str, Any] | None = None,
               timeout: float = 240.0, extra_env: dict[str, str] | None = None) -> list[Any]:
-    """Run ``module`` on ``world_size`` ranks; return each rank's JSON result, rank order."""
+    """Run ``module`` on ``world_size`` ranks; return each rank's result (rebuilt dataclasses,
+    :mod:`tests.workers.contract`), rank order."""
     with tempfile.TemporaryDirectory(prefix="mimo-world-") as tmp:
         tmpdir = Path(tmp)
         base_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
@@ -49,7 +52,8 @@ def run_world(module: str, world_size: int, args: dict[str, Any] | None = None,
             procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("w"),
                                           stderr=subprocess.STDOUT))
         _wait_all(procs, logs, timeout, module)
-        return [json.loads((tmpdir / f"rank{r}.json").read_text()) for r in range(world_size)]
+        return [decode(json.loads((tmpdir / f"rank{r}.json").read_text()))
+                for r in range(world_size)]
 
 
 def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float, module: str) -> None:

@@ -9,9 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.workers.contract import encode
+
 
 def worker_main(body: Callable[[dict[str, Any]], Any]) -> None:
-    """Run ``body(args)`` on this rank with torch.distributed up; its return value becomes JSON."""
+    """Run ``body(args)`` on this rank with torch.distributed up; its return value (dataclasses,
+    see :mod:`tests.workers.contract`) becomes JSON."""
     from megatron_mimo.metrics.log import quiet_third_party
 
     quiet_third_party()
@@ -25,7 +28,7 @@ def worker_main(body: Callable[[dict[str, Any]], Any]) -> None:
         traceback.print_exc()
         sys.stdout.flush()
         sys.exit(1)
-    result_path.write_text(json.dumps(result))
+    result_path.write_text(json.dumps(encode(result)))
     destroy_distributed()
 
 
