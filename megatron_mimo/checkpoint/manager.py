@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import hashlib
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -32,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
 
+from megatron_mimo import failpoints
 from megatron_mimo.checkpoint import integrity, retention, storage
 from megatron_mimo.checkpoint.background import BackgroundSaves, with_checksums
 from megatron_mimo.checkpoint.contents import (
@@ -43,22 +43,13 @@ from megatron_mimo.checkpoint.contents import (
     summary,
 )
 from megatron_mimo.checkpoint.storage import describe_write_failure
-from megatron_mimo.compat.mcore import (
-    MCORE_WORKAROUNDS,
-    results_queue_across_fork,
-    views_saved_without_copy,
-)
-from megatron_mimo.compat.registry import apply_all
+from megatron_mimo.compat import apply_process_workarounds
+from megatron_mimo.compat.mcore import results_queue_across_fork, views_saved_without_copy
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-FAULT_CRASH_DURING_SAVE = "MIMO_FAULT_CRASH_DURING_SAVE"
-"""Test hook ``RANK:ITERATION``: that global rank exits after writing its shards of that
-iteration's checkpoint, before the checkpoint is published."""
-
 
 def sharded_keys(state: dict) -> list[str]:
     """Sorted unique keys of every sharded object in ``state`` (this rank's part)."""
@@ -88,7 +79,7 @@ class CheckpointManager:
         self.last_fingerprint: str | None = None
         self.last_save_seconds = self.last_load_seconds = 0.0
         self.loaded_optimizer_meta: dict[str, Any] = {}
-        apply_all(MCORE_WORKAROUNDS)  # in-process save queue, Adam step on fully_reshardable load
+        apply_process_workarounds(cpu=False)  # save queue, Adam step on a resharding load
         if ckpt.save and dist.get_rank() == 0:
             removed = storage.remove_stale(ckpt.save)
             if removed:
@@ -172,7 +163,7 @@ class CheckpointManager:
         else:
             self.background.start(request)
             self.pending_iteration = iteration
-            self._maybe_crash_for_test(iteration)  # the write is in flight
+            failpoints.hit("checkpoint.write_in_flight", rank=dist.get_rank(), iteration=iteration)
         return storage.checkpoint_dir(root, iteration)
 
     def _track_structure(self, sharded: dict[str, Any]) -> bool:
@@ -197,7 +188,7 @@ class CheckpointManager:
         """Last finalisation step, after every rank's shards and megatron's metadata are written:
         common state, checksums, manifest, rename, tracker, retention (rank 0); the world agrees
         on the outcome so every rank fails the same way."""
-        self._maybe_crash_for_test(iteration, written=True)
+        failpoints.hit("checkpoint.before_publish", rank=dist.get_rank(), iteration=iteration)
         self._barrier("checkpoint save: shards written")
         root = Path(self.ckpt.save)
         error = None
@@ -268,13 +259,6 @@ class CheckpointManager:
             yield
         finally:
             self.seconds[phase] += time.perf_counter() - start
-
-    @staticmethod
-    def _maybe_crash_for_test(iteration: int, written: bool = False) -> None:
-        if os.environ.get(FAULT_CRASH_DURING_SAVE) == f"{dist.get_rank()}:{iteration}":
-            logger.error("%s: exiting in the middle of a save (%s)", FAULT_CRASH_DURING_SAVE,
-                         "shards written" if written else "write in flight")
-            os._exit(17)
 
     # -- load -----------------------------------------------------------------------------
 

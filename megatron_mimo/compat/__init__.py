@@ -1,19 +1,24 @@
-"""Every megatron-core workaround, named, gated on its real trigger, with the lines it covers:
+"""Every megatron-core workaround, named after its function, gated on its real trigger:
 ``cpu.py`` (CPU only), ``mcore.py`` (any device), ``registry.py`` (how one is written down)."""
 
 from __future__ import annotations
 
 import logging
 
-from megatron_mimo.compat.cpu import CPU_WORKAROUNDS
-from megatron_mimo.compat.mcore import MCORE_WORKAROUNDS
-from megatron_mimo.compat.registry import Workaround, apply_all, unverified_warning
+from megatron_mimo.compat import cpu as _cpu_workarounds  # noqa: F401 - fills the registry
+from megatron_mimo.compat import mcore as _mcore_workarounds  # noqa: F401
+from megatron_mimo.compat.registry import REGISTRY, Workaround, apply_all, unverified_warning
 
 logger = logging.getLogger(__name__)
 
-ALL_WORKAROUNDS: tuple[Workaround, ...] = CPU_WORKAROUNDS + MCORE_WORKAROUNDS
+ALL_WORKAROUNDS: tuple[Workaround, ...] = tuple(REGISTRY.values())
 
 _VERSION_CHECKED = False
+
+
+def process_workarounds(cpu: bool) -> tuple[Workaround, ...]:
+    """The process workarounds for a process on the CPU (``cpu``) or on a GPU."""
+    return tuple(w for w in ALL_WORKAROUNDS if w.apply is not None and (cpu or not w.cpu))
 
 
 def apply_process_workarounds(cpu: bool) -> list[str]:
@@ -27,4 +32,4 @@ def apply_process_workarounds(cpu: bool) -> list[str]:
         if warning:
             logger.warning(warning)
         _VERSION_CHECKED = True
-    return apply_all((CPU_WORKAROUNDS if cpu else ()) + MCORE_WORKAROUNDS)
+    return apply_all(process_workarounds(cpu))

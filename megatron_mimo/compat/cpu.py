@@ -1,9 +1,12 @@
-"""CPU-only workarounds for megatron-core 0.19.2: every CUDA assumption we hit, in one place.
+"""CPU-only workarounds for megatron-core: every CUDA assumption on the training path, in one
+place.
 
-megatron-core assumes CUDA in places that run on every step (grad buffers, optimizer, bridge).
-On a machine without a GPU each workaround below turns one class of assumption into its CPU
-equivalent. Their trigger is the device: they are applied only when the process runs on the
-CPU (never with a GPU), by :func:`megatron_mimo.compat.apply_process_workarounds`.
+megatron-core assumes CUDA in places that run on every step (grad buffers, optimizer, bridge,
+schedule, checkpoint writer). On a machine without a GPU each workaround below turns one class
+of assumption into its CPU equivalent. Their trigger is the device: they are applied only when
+the process runs on the CPU (never with a GPU), by
+:func:`megatron_mimo.compat.apply_process_workarounds`. Each one is proven necessary by
+``tests/distributed/test_workarounds_needed.py`` (the call fails without it).
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_mimo.compat.registry import Workaround
+from megatron_mimo.compat.registry import workaround
 
 ON_CPU = "the process runs on the CPU (no GPU, or MIMO_DEVICE=cpu)"
+CPU_ONLY = "never: megatron-core is written for CUDA devices; this is how it runs on a CPU"
 
 
-def _cpu(name: str, covers: tuple[str, ...], apply) -> Workaround:
-    return Workaround(name, covers, ON_CPU, apply)
+def cpu_workaround(**record: str):
+    """A process workaround applied only on the CPU (see :func:`registry.workaround`)."""
+    return workaround(trigger=ON_CPU, remove_when=record.pop("remove_when", CPU_ONLY),
+                      process=True, cpu=True, **record)
 
 
-def _current_device_is_cpu() -> None:
-    """``torch.cuda.current_device()`` is used as a device; on CPU it must name the CPU."""
+@cpu_workaround()
+def current_device_is_cpu() -> None:
+    """``torch.cuda.current_device()`` is used as a device (grad buffers, bridge, attention,
+    P2P, tensor-parallel layers, the checkpoint writer); on the CPU it must name the CPU."""
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
 
 
@@ -41,8 +49,10 @@ class _NullStream:
         """CPU work is synchronous; nothing to wait for."""
 
 
-def _cuda_streams_are_noops() -> None:
-    """Streams and synchronize are ordering tools that are no-ops on the CPU."""
+@cpu_workaround()
+def cuda_streams_are_noops() -> None:
+    """Streams and ``synchronize`` (every grad sync, P2P, the checkpoint writer) order GPU work;
+    CPU work is already sequential, so they are no-ops."""
     null_stream = _NullStream()
     torch.cuda.current_stream = lambda device=None: null_stream  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
@@ -85,8 +95,10 @@ class CudaLiteralsToCpu(TorchFunctionMode):
 _MODE: CudaLiteralsToCpu | None = None
 
 
-def _cuda_literals_to_cpu() -> None:
-    """Enter :class:`CudaLiteralsToCpu` for the rest of the process."""
+@cpu_workaround()
+def cuda_literals_to_cpu() -> None:
+    """Enter :class:`CudaLiteralsToCpu` for the rest of the process (``device="cuda"`` in the
+    optimizer, grad clipping, MimoOptimizer, the schedule, CLIPViTModel, the save planner)."""
     global _MODE
     _MODE = CudaLiteralsToCpu()
     _MODE.__enter__()
@@ -107,8 +119,10 @@ class _GlooBridgeDist:
         return torch.distributed.new_subgroups_by_enumeration(*args, **kwargs)
 
 
-def _bridge_groups_use_default_backend() -> None:
-    """The bridge creates its groups with the NCCL backend hard-coded; use the world's instead."""
+@cpu_workaround()
+def bridge_groups_use_default_backend() -> None:
+    """``BridgeCommunicator`` creates its groups with the NCCL backend hard-coded; use the
+    world's backend instead."""
     from megatron.core.pipeline_parallel import bridge_communicator
 
     bridge_communicator.dist = _GlooBridgeDist()  # type: ignore[assignment]
@@ -118,7 +132,7 @@ class CpuRNGStatesTracker:
     """megatron's RNG tracker with its named streams kept on the CPU generator.
 
     The stock tracker stores CUDA generator states; without CUDA, ``add`` fails and
-    ``_set_cuda_rng_state`` silently queues the state forever (``tensor_parallel/random.py:174``),
+    ``_set_cuda_rng_state`` silently queues the state forever (``_lazy_call`` without CUDA),
     so a restore is a no-op. This keeps the same names and ``fork`` semantics on the CPU.
     """
 
@@ -166,7 +180,8 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
-def _cpu_rng_tracker() -> None:
+@cpu_workaround()
+def cpu_rng_tracker() -> None:
     """Install :class:`CpuRNGStatesTracker` as megatron's global tracker."""
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -174,46 +189,10 @@ def _cpu_rng_tracker() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
-def _no_torch_compile() -> None:
-    """megatron's ``jit_fuser`` is ``torch.compile``: ~30 s per first call on this CPU."""
+@cpu_workaround(remove_when="megatron's jit_fuser stops compiling on the CPU")
+def no_torch_compile() -> None:
+    """megatron's ``jit_fuser`` is ``torch.compile``, which compiles each fused function on its
+    first call; on a CPU that costs far more than the eager functions ever save."""
     import torch._dynamo
 
     torch._dynamo.config.disable = True
-
-
-CPU_WORKAROUNDS: tuple[Workaround, ...] = (
-    _cpu("current_device_is_cpu", (
-        "distributed/param_and_grad_buffer.py:1162,1180,1186",
-        "pipeline_parallel/bridge_communicator.py:420,456,465,551,939,957",
-        "transformer/dot_product_attention.py:123,132",
-        "tensor_parallel/layers.py:305,647", "tensor_parallel/mappings.py:95,145,185",
-        "models/mimo/model/base.py:580", "utils.py:715",
-        "dist_checkpointing/strategies/state_dict_saver.py:252",
-        "dist_checkpointing/strategies/async_utils.py:224",
-        "pipeline_parallel/p2p_communication.py:211,215,219,223,334,342",
-    ), _current_device_is_cpu),
-    _cpu("cuda_streams_are_noops", (
-        "distributed/param_and_grad_buffer.py:632,691,814",
-        "dist_checkpointing/strategies/async_utils.py:273",
-        "dist_checkpointing/strategies/filesystem_async.py:248",
-        "dist_checkpointing/strategies/fully_parallel.py:287,296", "utils.py:1721",
-        "pipeline_parallel/p2p_communication.py:263,419",
-    ), _cuda_streams_are_noops),
-    _cpu("cuda_literals_to_cpu", (
-        "models/mimo/optimizer.py:65,82,107,135,139",
-        "optimizer/clip_grads.py:96,108,112,174,180,231",
-        "optimizer/optimizer.py:315,690,698,702,1028,1249",
-        "optimizer/distrib_optimizer.py:466", "utils.py:1332",
-        "models/vision/clip_vit_model.py:124",
-        "dist_checkpointing/strategies/state_dict_saver.py:204",
-        "pipeline_parallel/schedules.py:2292",
-    ), _cuda_literals_to_cpu),
-    _cpu("bridge_groups_use_default_backend", (
-        "pipeline_parallel/bridge_communicator.py:199,209",
-    ), _bridge_groups_use_default_backend),
-    _cpu("cpu_rng_tracker", (
-        "tensor_parallel/random.py:127,165,174,285,311",
-        "transformer/dot_product_attention.py:217", "tensor_parallel/layers.py:177",
-    ), _cpu_rng_tracker),
-    _cpu("no_torch_compile", ("jit.py:21",), _no_torch_compile),
-)

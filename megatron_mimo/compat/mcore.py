@@ -1,8 +1,11 @@
-"""Device-independent workarounds for megatron-core 0.19.2: each named, gated on its real trigger.
+"""Device-independent workarounds for megatron-core: each named after its function, gated on
+its real trigger.
 
 These fail the same way on a GPU as on the CPU: a run without Transformer Engine/apex uses
 torch's Adam and hits the same optimizer-state bugs; a job without ``parallel_state`` lacks the
-buffers and groups ``initialize_model_parallel`` would have made.
+buffers and groups ``initialize_model_parallel`` would have made. Each is proven necessary by a
+test that fails without it (``tests/distributed/test_workarounds_needed.py``,
+``tests/unit/test_compat_mcore.py`` and the resume tests named in ``docs/checkpointing.md``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megatron_mimo.compat.registry import Workaround
+from megatron_mimo.compat.registry import workaround
 
 # -- process workarounds --------------------------------------------------------------------
 
@@ -28,16 +31,21 @@ def _save_queue_missing() -> bool:
     return filesystem_async._results_queue is None
 
 
-def _in_process_save_queue() -> None:
+@workaround(trigger="a torch_dist save while no write-results queue exists",
+            remove_when="filesystem_async creates its results queue without a Manager process",
+            process=True, needed=_save_queue_missing)
+def in_process_save_queue() -> None:
     """A synchronous torch_dist save collects its write results through
     ``get_write_results_queue``, which on first use starts a *spawn*-context multiprocessing
-    Manager: a new Python process that re-imports ``__main__`` (torch + megatron), 15-30 s on a
-    small machine, for a queue the same process fills and drains. A plain queue does the job."""
+    Manager: a new Python process that re-imports ``__main__`` (torch + megatron, seconds), for a
+    queue the same process fills and drains. A plain queue does the job."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async._results_queue = queue.Queue()
 
 
+@workaround(trigger="an async torch_dist save on megatron-core's strategy (forked writer)",
+            remove_when="in_process_save_queue is retired")
 @contextmanager
 def results_queue_across_fork() -> Iterator[None]:
     """An async save on megatron-core's own strategy writes in a *forked* process that reports
@@ -61,6 +69,8 @@ def _is_view_on_cpu(tensor: Any) -> bool:
             and tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size())
 
 
+@workaround(trigger="a torch_dist save of CPU tensors that are views into a larger buffer",
+            remove_when="megatron-core's writer stops cloning views of contiguous buffers")
 def views_saved_without_copy(sharded: dict) -> int:
     """Give every CPU tensor of a save that is a view into a larger buffer (every weight is a
     view into DDP's contiguous parameter buffer) an alias with a storage of exactly its own
@@ -87,7 +97,10 @@ def _memory_buffer_missing() -> bool:
     return parallel_state._GLOBAL_MEMORY_BUFFER is None
 
 
-def _global_memory_buffer() -> None:
+@workaround(trigger="attention without initialize_model_parallel",
+            remove_when="attention takes its memory buffer from the caller or makes its own",
+            process=True, needed=_memory_buffer_missing)
+def global_memory_buffer() -> None:
     """Attention reads megatron's global memory buffer, which only ``initialize_model_parallel``
     creates; creating it alone makes no process group."""
     from megatron.core import parallel_state
@@ -99,7 +112,10 @@ def _transformer_engine_unusable() -> bool:
     return not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None
 
 
-def _hybrid_final_norm_is_local() -> None:
+@workaround(trigger="a hybrid model without a usable Transformer Engine (no GPU or not installed)",
+            remove_when="HybridStack builds its final norm from the layer spec",
+            process=True, needed=_transformer_engine_unusable)
+def hybrid_final_norm_is_local() -> None:
     """``HybridStack`` always builds its final norm as ``TENorm``, whatever the layer spec; without
     Transformer Engine that is a stub that raises. Use megatron's torch norm (same parameter
     name ``final_norm.weight``, honours ``config.normalization``)."""
@@ -116,7 +132,10 @@ def uses_torch_adam_fallback() -> bool:
     return bool(optimizer.USING_PYTORCH_OPTIMIZER)
 
 
-def _fully_reshardable_load_keeps_adam_step() -> None:
+@workaround(trigger="a fully_reshardable optimizer load with torch's Adam (no TE/apex)",
+            remove_when="the fully_reshardable load handles torch Adam's per-parameter step",
+            process=True, needed=uses_torch_adam_fallback)
+def fully_reshardable_load_keeps_adam_step() -> None:
     """``load_parameter_state_from_fully_reshardable`` leaves torch Adam's per-parameter ``step``
     out of the source tensors, but ``_set_main_param_and_optimizer_states`` then looks up every
     destination key, ``step`` included: KeyError. Missing keys keep their current value here;
@@ -136,6 +155,8 @@ def _fully_reshardable_load_keeps_adam_step() -> None:
 # -- call-site workarounds --------------------------------------------------------------------
 
 
+@workaround(trigger="a MegatronModule without tp_group (CLIPViTModel, the MimoModel root)",
+            remove_when="every MegatronModule takes its TP group at construction")
 def apply_branch_tp_group(model: torch.nn.Module, tp_group) -> list[str]:
     """Give every MegatronModule that lacks ``tp_group`` the branch's TP group; return the names.
 
@@ -158,6 +179,8 @@ def _torch_adam(optimizer) -> torch.optim.Optimizer | None:
     return inner if isinstance(inner, torch.optim.Adam | torch.optim.AdamW) else None
 
 
+@workaround(trigger="a state dict of a never-stepped torch Adam (no TE/apex)",
+            remove_when="DistributedOptimizer initialises torch Adam's state before a load")
 def ensure_adam_state(optimizer) -> None:
     """Give every parameter of a never-stepped torch Adam zero moments and its own step.
 
@@ -176,6 +199,8 @@ def ensure_adam_state(optimizer) -> None:
                                       "exp_avg_sq": torch.zeros_like(param)}
 
 
+@workaround(trigger="an optimizer load with torch's Adam (no TE/apex)",
+            remove_when="DistributedOptimizer restores one step tensor per parameter")
 def rebuild_adam_steps(optimizer) -> None:
     """Give every parameter its own ``step`` tensor, equal to its loaded param group's step.
 
@@ -194,6 +219,8 @@ def rebuild_adam_steps(optimizer) -> None:
                 inner.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
+@workaround(trigger="loading a scheduler state into a scheduler object",
+            remove_when="OptimizerParamScheduler.load_state_dict sets the step count")
 def load_scheduler_state(scheduler, state: dict[str, Any]) -> None:
     """``OptimizerParamScheduler.load_state_dict`` *adds* the saved step count to the current one
     (``self.step(increment=num_steps)``): a scheduler that already stepped would be stepped
@@ -226,6 +253,8 @@ class DeferredScalerUpdate:
         return getattr(self.scaler, name)
 
 
+@workaround(trigger="fp16 with an overflow in one branch's gradients only",
+            remove_when="MimoOptimizer updates every branch's scaler on the world's found-inf")
 def defer_scaler_updates(optimizers) -> list[DeferredScalerUpdate]:
     """Give every optimizer with a grad scaler (inside a ChainedOptimizer too) a
     :class:`DeferredScalerUpdate`; return them."""
@@ -252,6 +281,8 @@ def settle_scaler_updates(local_found_inf: bool, deferred: list[DeferredScalerUp
     return found_inf
 
 
+@workaround(trigger="an fp16 (grad scaler) optimizer saved 'dp_reshardable'",
+            remove_when="MimoOptimizer stops wrapping the scaler's ShardedObject a second time")
 def apply_unnested_grad_scaler(optimizer_sharded: dict[str, Any]) -> dict[str, Any]:
     """Unwrap the grad-scaler ShardedObject MimoOptimizer wraps around another ShardedObject.
 
@@ -284,6 +315,9 @@ WRAPPER_LEVELS = re.compile(r"^(language_model\.|modality_submodules\.[^.]+\.)(?
 """The ``module.`` segments MimoModel inserts after a branch's name, one per wrapper level."""
 
 
+@workaround(trigger="a branch wrapped in DDP and/or Float16Module (always: keys must not "
+                    "depend on it)",
+            remove_when="MimoModel.sharded_state_dict keys no longer depend on the wrappers")
 def apply_wrapper_free_keys(model_sharded: dict[str, Any]) -> dict[str, Any]:
     """Drop the ``module.`` levels from every checkpoint key of a MimoModel sharded state dict.
 
@@ -300,55 +334,3 @@ def apply_wrapper_free_keys(model_sharded: dict[str, Any]) -> dict[str, Any]:
         if isinstance(key, str):
             value.key = WRAPPER_LEVELS.sub(r"\1", key)
     return model_sharded
-
-
-def tracker_stream_names() -> dict[str, str]:
-    """megatron's RNG tracker stream names (private module constants) by role."""
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    return {"data": mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME,
-            "model": mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME,
-            "expert": mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME}
-
-
-MCORE_WORKAROUNDS: tuple[Workaround, ...] = (
-    Workaround("in_process_save_queue",
-               ("dist_checkpointing/strategies/filesystem_async.py:53-66",),
-               "a torch_dist save while no write-results queue exists",
-               _in_process_save_queue, _save_queue_missing),
-    Workaround("results_queue_across_fork",
-               ("dist_checkpointing/strategies/filesystem_async.py:53-66,200",
-                "dist_checkpointing/strategies/async_utils.py:277-283"),
-               "an async torch_dist save on megatron-core's strategy (writer in a forked process)"),
-    Workaround("views_saved_without_copy",
-               ("dist_checkpointing/strategies/filesystem_async.py:146-166",),
-               "a torch_dist save of CPU tensors that are views into a larger buffer"),
-    Workaround("global_memory_buffer", ("transformer/dot_product_attention.py:189",),
-               "attention without initialize_model_parallel", _global_memory_buffer,
-               _memory_buffer_missing),
-    Workaround("hybrid_final_norm_is_local", ("models/hybrid/hybrid_block.py:215",),
-               "a hybrid model without a usable Transformer Engine (no GPU or not installed)",
-               _hybrid_final_norm_is_local, _transformer_engine_unusable),
-    Workaround("fully_reshardable_load_keeps_adam_step",
-               ("optimizer/distrib_optimizer.py:1223,2390",),
-               "a fully_reshardable optimizer load with torch's Adam (no TE/apex)",
-               _fully_reshardable_load_keeps_adam_step, uses_torch_adam_fallback),
-    Workaround("branch_tp_group", ("transformer/module.py:82-84",),
-               "a MegatronModule without tp_group (CLIPViTModel, the MimoModel root)"),
-    Workaround("adam_state_before_first_step", ("optimizer/distrib_optimizer.py:842,1223",),
-               "a state dict of a never-stepped torch Adam (no TE/apex)"),
-    Workaround("adam_step_rebuild", ("optimizer/distrib_optimizer.py:1049-1051",),
-               "an optimizer load with torch's Adam (no TE/apex)"),
-    Workaround("scheduler_steps_from_zero", ("optimizer_param_scheduler.py:290,388",),
-               "loading a scheduler state into a scheduler object"),
-    Workaround("world_agreed_loss_scaler", ("optimizer/optimizer.py:770",
-                                            "models/mimo/optimizer.py:53-58"),
-               "fp16 with an overflow in one branch's gradients only"),
-    Workaround("unnested_grad_scaler", ("models/mimo/optimizer.py:252-260",
-                                        "optimizer/distrib_optimizer.py:1533-1547"),
-               "an fp16 (grad scaler) optimizer saved 'dp_reshardable'"),
-    Workaround("wrapper_free_checkpoint_keys", ("models/mimo/model/base.py:101-145",),
-               "a branch wrapped in DDP and/or Float16Module (always: keys must not depend on it)"),
-    Workaround("rng_tracker_stream_names", ("tensor_parallel/random.py:95-97",),
-               "seeding the tracker's named streams without model_parallel_cuda_manual_seed"),
-)

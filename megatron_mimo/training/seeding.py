@@ -8,12 +8,20 @@ import numpy as np
 import torch
 from megatron.core.tensor_parallel import random as mcore_random
 
-from megatron_mimo.compat.mcore import tracker_stream_names
 from megatron_mimo.models.common import BRANCH_SEED_OFFSET
 
 TRACKER_TP_OFFSET = 2718
 """megatron's offset of the tensor-parallel stream (``tensor_parallel/random.py``)."""
 TRACKER_EXPERT_OFFSET = 1024
+
+
+def tracker_stream_names() -> dict[str, str]:
+    """megatron's RNG tracker stream names by role. They are private module constants; the
+    layers fork these names, so seeding must add exactly them (a wrong name fails at the first
+    dropout with "stream ... was never added")."""
+    return {"data": mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME,
+            "model": mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME,
+            "expert": mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME}
 
 
 def seed_rank(seed: int, branch: str, tp_rank: int) -> None:

@@ -1,55 +1,57 @@
-"""Each process workaround (compat/cpu.py, compat/mcore.py) is needed: the megatron-core call
-it covers fails without it, and works with it. (fully_reshardable_load_keeps_adam_step is proven
-by the fully_reshardable resume tests, which raise KeyError 'step' without it.)"""
+"""Each process workaround (``compat/cpu.py``, ``compat/mcore.py``) is needed: the
+megatron-core call it covers fails without it, and works with it. (The fully_reshardable resume
+tests prove fully_reshardable_load_keeps_adam_step: they raise KeyError 'step' without it.)"""
 
 import pytest
 import torch
 
 from tests.harness import run_world
+from tests.workers.workarounds_world import Attempt, Report
 
 pytestmark = [pytest.mark.dist,
               pytest.mark.skipif(torch.cuda.is_available(), reason="CPU workarounds apply only without a GPU")]
 
 
 @pytest.fixture(scope="module")
-def report():
-    return run_world("tests.workers.shims_check", world_size=1, timeout=120)[0]
+def report() -> Report:
+    return run_world("tests.workers.workarounds_world", world_size=1, timeout=120)[0]
 
 
-@pytest.mark.parametrize("check", ["memory_buffer", "save_queue", "l2_norm", "clip", "stream", "current_device", "bridge_group",
-                                   "dot_cuda", "rng_tracker", "hybrid_final_norm"])
+@pytest.mark.parametrize("check", ["memory_buffer", "save_queue", "l2_norm", "clip", "stream",
+                                   "current_device", "bridge_group", "dot_cuda", "rng_tracker",
+                                   "hybrid_final_norm"])
 def test_call_fails_without_workarounds(report, check):
-    assert not report["before"][check]["ok"], report["before"][check]
+    assert not report.before[check].ok, report.before[check]
 
 
 def test_calls_work_with_workarounds(report):
-    after = report["after"]
-    assert all(v["ok"] for v in after.values()), after
-    assert after["l2_norm"]["value"] == ["cpu", 5.0]
-    assert after["clip"]["value"] == pytest.approx([0.5, 0.5], rel=1e-5)  # 2.0 * 1/(4+1e-6)
-    assert after["current_device"]["value"] == "cpu"
-    assert after["bridge_group"]["value"] == "gloo"
-    assert after["dot_cuda"]["value"] == "cpu"
-    assert after["rng_tracker"]["value"] is True  # the named stream lives on the CPU generator
-    assert after["hybrid_final_norm"]["value"] == "RMSNorm"
-    assert after["memory_buffer"]["value"] == "GlobalMemoryBuffer"
-    assert after["save_queue"]["value"] == "Queue"  # in-process, no helper process
+    after = report.after
+    assert all(attempt.ok for attempt in after.values()), after
+    assert after["l2_norm"].value == ["cpu", 5.0]
+    assert after["clip"].value == pytest.approx([0.5, 0.5], rel=1e-5)  # 2.0 * 1/(4+1e-6)
+    assert after["current_device"].value == "cpu"
+    assert after["bridge_group"].value == "gloo"
+    assert after["dot_cuda"].value == "cpu"
+    assert after["rng_tracker"].value is True  # the named stream lives on the CPU generator
+    assert after["hybrid_final_norm"].value == "RMSNorm"
+    assert after["memory_buffer"].value == "GlobalMemoryBuffer"
+    assert after["save_queue"].value == "Queue"  # in-process, no helper process
 
 
 def test_async_save_needs_a_results_queue_across_fork(report):
     # the in-process queue (in_process_save_queue) never sees the forked writer's results
-    without = report["async_save_without_fork_queue"]
-    assert not without["ok"] and "results_queue should" in without["error"], without
-    assert report["after"]["async_save_across_fork"] == {"ok": True, "value": ".metadata"}
+    without = report.async_save_without_fork_queue
+    assert not without.ok and "results_queue should" in without.error, without
+    assert report.after["async_save_across_fork"] == Attempt(ok=True, value=".metadata")
 
 
 def test_views_are_saved_without_a_copy_in_the_training_loop(report):
     # without the alias megatron-core's writer clones every view (all DDP weights) in the loop
-    assert report["view_in_place_without_alias"] == {"ok": True, "value": False}
-    assert report["after"]["view_in_place"] == {"ok": True, "value": True}
+    assert report.view_in_place_without_alias == Attempt(ok=True, value=False)
+    assert report.after["view_in_place"] == Attempt(ok=True, value=True)
 
 
 def test_every_process_workaround_applied_once(report):
-    assert report["applied"] == report["all"]
-    assert report["reapply"] == []
-    assert report["dynamo_disabled"] is True
+    assert report.applied == report.expected and len(report.expected) == 10
+    assert report.reapply == []
+    assert report.dynamo_disabled is True

@@ -5,6 +5,7 @@ import random
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_mimo.compat.mcore import (
@@ -105,14 +106,47 @@ def test_unverified_megatron_core_version_names_every_workaround():
     assert all(w.name in warning for w in ALL_WORKAROUNDS)
 
 
-def test_every_workaround_names_lines_and_trigger():
+def test_every_workaround_is_recorded_on_its_function_under_its_name():
+    import megatron_mimo.compat.cpu as cpu_module
+    import megatron_mimo.compat.mcore as mcore_module
     from megatron_mimo.compat import ALL_WORKAROUNDS
+    from megatron_mimo.compat.registry import NOT_REPORTED
 
-    names = [w.name for w in ALL_WORKAROUNDS]
-    assert len(names) == len(set(names))
-    for workaround in ALL_WORKAROUNDS:
-        assert workaround.trigger and workaround.covers
-        assert all(":" in line and line.split(":")[0].endswith(".py") for line in workaround.covers)
+    assert len(ALL_WORKAROUNDS) == 19
+    for record in ALL_WORKAROUNDS:
+        function = getattr(cpu_module, record.name, None) or getattr(mcore_module, record.name)
+        assert function.workaround is record
+        assert record.trigger and record.remove_when
+        assert record.upstream == NOT_REPORTED or record.upstream.startswith("https://")
+        assert (record.apply is function) == (record.apply is not None)
+    assert {w.name for w in ALL_WORKAROUNDS if w.cpu} == {
+        "current_device_is_cpu", "cuda_streams_are_noops", "cuda_literals_to_cpu",
+        "bridge_groups_use_default_backend", "cpu_rng_tracker", "no_torch_compile"}
+
+
+def test_a_name_is_registered_once(monkeypatch):
+    from megatron_mimo.compat import registry
+
+    monkeypatch.setattr(registry, "REGISTRY", {})
+
+    def twin() -> None:
+        """A workaround."""
+
+    registry.workaround(trigger="t", remove_when="r")(twin)
+    with pytest.raises(ValueError, match="'twin' is registered twice"):
+        registry.workaround(trigger="t", remove_when="r")(twin)
+
+
+def test_gpu_processes_get_no_cpu_workaround():
+    from megatron_mimo.compat import process_workarounds
+
+    on_gpu = {w.name for w in process_workarounds(cpu=False)}
+    on_cpu = {w.name for w in process_workarounds(cpu=True)}
+    assert on_gpu == {"in_process_save_queue", "global_memory_buffer",
+                      "hybrid_final_norm_is_local", "fully_reshardable_load_keeps_adam_step"}
+    assert on_cpu - on_gpu == {"current_device_is_cpu", "cuda_streams_are_noops",
+                               "cuda_literals_to_cpu", "bridge_groups_use_default_backend",
+                               "cpu_rng_tracker", "no_torch_compile"}
 
 
 def test_process_workarounds_apply_only_when_triggered(monkeypatch):
@@ -120,9 +154,10 @@ def test_process_workarounds_apply_only_when_triggered(monkeypatch):
 
     calls = []
     monkeypatch.setattr(registry, "_APPLIED", set())
-    idle = registry.Workaround("idle", ("x.py:1",), "never", lambda: calls.append("idle"),
-                               lambda: False)
-    busy = registry.Workaround("busy", ("x.py:2",), "always", lambda: calls.append("busy"))
+    idle = registry.Workaround("idle", "never", registry.NOT_REPORTED, "-",
+                               lambda: calls.append("idle"), lambda: False)
+    busy = registry.Workaround("busy", "always", registry.NOT_REPORTED, "-",
+                               lambda: calls.append("busy"))
     assert registry.apply_all([idle, busy]) == ["busy"]
     assert registry.apply_all([idle, busy]) == []  # idempotent
     assert calls == ["busy"]

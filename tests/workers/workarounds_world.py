@@ -1,24 +1,55 @@
 """One gloo rank: each megatron-core call a process workaround covers fails before the
-workarounds are applied and works after."""
+workarounds are applied and works after; the call-site save workarounds are tried with and
+without. Its own ``main`` (not ``worker_main``): the "before" calls need a process in which no
+workaround was applied yet."""
 
 from __future__ import annotations
 
 import json
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_mimo.metrics.log import quiet_third_party
+from tests.workers.contract import encode
 
 
-def _attempt(fn):
+@dataclass
+class Attempt:
+    """One call: its value, or the error class and message it raised."""
+
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+
+@dataclass
+class Report:
+    """Every probe call before and after the process workarounds, and what was applied."""
+
+    before: dict[str, Attempt]
+    after: dict[str, Attempt]
+    view_in_place_without_alias: Attempt
+    async_save_without_fork_queue: Attempt
+    applied: list[str]
+    """Process workarounds applied in this process."""
+    expected: list[str]
+    """Every process workaround of a CPU process."""
+    reapply: list[str]
+    """What a second application applied (nothing: they apply once)."""
+    dynamo_disabled: bool
+
+
+def _attempt(fn) -> Attempt:
     try:
-        return {"ok": True, "value": fn()}
+        return Attempt(ok=True, value=fn())
     except Exception as error:  # noqa: BLE001 - we report which error class the call hits
-        return {"ok": False, "error": f"{type(error).__name__}: {str(error)[:120]}"}
+        return Attempt(ok=False, error=f"{type(error).__name__}: {str(error)[:120]}")
 
 
 def _checks():
@@ -82,7 +113,8 @@ def _checks():
             raise RuntimeError("no write-results queue: the first save would spawn a Manager")
         return type(filesystem_async._results_queue).__name__
 
-    return {"memory_buffer": memory_buffer, "save_queue": save_queue, "l2_norm": l2_norm, "clip": clip, "stream": stream, "current_device": current_device,
+    return {"memory_buffer": memory_buffer, "save_queue": save_queue, "l2_norm": l2_norm,
+            "clip": clip, "stream": stream, "current_device": current_device,
             "bridge_group": bridge_group, "dot_cuda": dot_cuda, "rng_tracker": rng_tracker,
             "hybrid_final_norm": hybrid_final_norm}
 
@@ -140,7 +172,7 @@ def main() -> None:
     BridgeCommunicator = sys.modules["megatron.core.pipeline_parallel.bridge_communicator"].BridgeCommunicator
     BridgeCommunicator._bridge_pg_cache.clear()
 
-    from megatron_mimo.compat import ALL_WORKAROUNDS, apply_process_workarounds
+    from megatron_mimo.compat import apply_process_workarounds, process_workarounds
     from megatron_mimo.compat.registry import applied
     from megatron_mimo.distributed.runtime import prepare_process, select_runtime
 
@@ -151,13 +183,15 @@ def main() -> None:
     # call-site workaround results_queue_across_fork, with every process workaround applied
     after["async_save_across_fork"] = _attempt(lambda: _async_save(across_fork=True))
     after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
-    out = {"view_in_place_without_alias": _attempt(lambda: _view_written_in_place(alias=False)),
-           "async_save_without_fork_queue": _attempt(lambda: _async_save(across_fork=False)),
-           "before": before, "after": after, "applied": sorted(applied()),
-           "all": sorted(w.name for w in ALL_WORKAROUNDS if w.apply is not None),
-           "reapply": apply_process_workarounds(cpu=True),
-           "dynamo_disabled": torch._dynamo.config.disable}
-    result_path.write_text(json.dumps(out))
+    report = Report(
+        before=before, after=after,
+        view_in_place_without_alias=_attempt(lambda: _view_written_in_place(alias=False)),
+        async_save_without_fork_queue=_attempt(lambda: _async_save(across_fork=False)),
+        applied=sorted(applied()),
+        expected=sorted(w.name for w in process_workarounds(cpu=True)),
+        reapply=apply_process_workarounds(cpu=True),
+        dynamo_disabled=torch._dynamo.config.disable)
+    result_path.write_text(json.dumps(encode(report)))
     dist.destroy_process_group()
 
 
