@@ -16,7 +16,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -25,13 +24,10 @@ from typing import Any
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.strategies.torch import HAVE_NVRX, get_async_strategy
 
+from megatron_mimo import failpoints
 from megatron_mimo.checkpoint import integrity
 
 logger = logging.getLogger(__name__)
-
-FAULT_SLOW_WRITE = "MIMO_FAULT_SLOW_WRITE"
-"""Test hook ``ITERATION:SECONDS``: the writer of that iteration's checkpoint sleeps before
-writing (a write that is surely still in flight when the test kills its rank)."""
 
 PR_SET_PDEATHSIG = 1
 
@@ -53,18 +49,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _maybe_slow_for_test(iteration: int) -> None:
-    target, _, seconds = os.environ.get(FAULT_SLOW_WRITE, "").partition(":")
-    if target == str(iteration):
-        time.sleep(float(seconds))
-
-
 def write_and_hash(write: Callable[..., None], directory: str, iteration: int, parent_pid: int,
                    rank: int, write_buckets: list, results_queue: Any, *args: Any,
                    **kwargs: Any) -> None:
     """megatron-core's write function, then the checksums of the files it wrote (page cache)."""
     _die_with_parent(parent_pid)
-    _maybe_slow_for_test(iteration)
+    failpoints.hit("checkpoint.writer_start", rank=rank, iteration=iteration)
     write(rank, write_buckets, results_queue, *args, **kwargs)
     try:
         integrity.write_sidecar(Path(directory), rank, [bucket[0] for bucket in write_buckets])

@@ -13,12 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_mimo import failpoints
 from megatron_mimo.checkpoint import storage
 
 logger = logging.getLogger(__name__)
-
-FAULT_CRASH_DURING_PRUNE = "MIMO_FAULT_CRASH_DURING_PRUNE"
-"""Test hook: exit right after the first old checkpoint was moved aside, before it is deleted."""
 
 
 def to_delete(iterations: list[int], keep_last: int, protected: int | None) -> list[int]:
@@ -36,8 +34,7 @@ def prune(root: str | Path, keep_last: int) -> list[int]:
         final = storage.checkpoint_dir(root, iteration)
         doomed = root / (storage.TMP_PREFIX + "deleting_" + final.name)
         os.replace(final, doomed)
-        if os.environ.get(FAULT_CRASH_DURING_PRUNE):
-            os._exit(17)
+        failpoints.hit("checkpoint.prune_moved_aside", iteration=iteration)
         shutil.rmtree(doomed)
     if victims:
         logger.info("deleted checkpoints of iterations %s (--ckpt-keep-last %d)", victims, keep_last)

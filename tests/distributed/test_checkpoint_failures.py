@@ -1,5 +1,9 @@
 """Checkpoint structure and failure handling: uneven shards, constant structure with optional
-state, mismatched or missing ranks, a rank killed in the middle of a save."""
+state, mismatched or missing ranks, a rank killed in the middle of a save.
+
+Crashes and stalls are injected with named failpoints (:mod:`megatron_mimo.failpoints`,
+enabled by MIMO_FAILPOINTS); a misspelt failpoint is an error, so no test here passes with
+nothing injected."""
 
 import json
 import subprocess
@@ -23,34 +27,34 @@ def features(tmp_path_factory):
 
 
 def test_uneven_dp3_optimizer_shards_save_and_load(features):  # mode 3
-    images_shards = [size for branch, size in features[0]["shards"] if branch == "images"]
+    images_shards = [shard.size for shard in features[0].shards if shard.branch == "images"]
     assert len(images_shards) == 3 and len(set(images_shards)) > 1, images_shards
     for rank in features:
-        assert rank["reloaded"]["iteration"] == 2
-        assert rank["reloaded"]["eval"] == rank["eval_at_save"]
+        assert rank.reloaded.iteration == 2
+        assert rank.reloaded.eval == rank.eval_at_save
 
 
 def test_structure_is_constant_when_optional_state_appears(features):  # mode 2
     for rank in features:
-        first, second = rank["fingerprints"]
+        first, second = rank.fingerprints
         assert first == second
         # the second save used the cached plan and still kept the (now non-empty) skip history
-        assert rank["reloaded"]["skipped_at"] == [2]
+        assert rank.reloaded.skipped_at == [2]
 
 
 def test_ranks_saving_different_iterations_fail_together(features):  # mode 3
     for rank in features:
-        error = rank["mismatch"]["error"]
+        error = rank.mismatch.error
         assert error and "CheckpointError" in error and "ranks disagree" in error
 
 
 def test_missing_rank_becomes_a_bounded_error_naming_it(features):  # mode 3
-    survivors = [r["missing"] for r in features if not r["missing"].get("skipped")]
+    survivors = [r.missing for r in features if not r.missing.skipped]
     assert len(survivors) == 3
     for outcome in survivors:
-        assert outcome["error"] and "CheckpointError" in outcome["error"]
-        assert "not every rank arrived within 5 s" in outcome["error"]  # --ckpt-timeout-s 5
-    assert "3" in survivors[0]["error"]  # rank 0 reports which rank never arrived
+        assert outcome.error and "CheckpointError" in outcome.error
+        assert "not every rank arrived within 5 s" in outcome.error  # --ckpt-timeout-s 5
+    assert "3" in survivors[0].error  # rank 0 reports which rank never arrived
 
 
 def _records(root, rank):
@@ -72,13 +76,15 @@ def _survivors(root):
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_rank_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path, mode):  # modes 9, 15
     # sync: rank 1 dies after writing its shards, before the publish; async: rank 1 dies while
-    # its background writer is still writing (slowed down by the test hook)
+    # every rank's background writer is still writing (stalled by a failpoint)
     root = tmp_path / "crash"
     overrides = {"checkpoint.async_save": True} if mode == "async" else {}
-    env = {"MIMO_FAULT_CRASH_DURING_SAVE": "1:2"}
-    if mode == "async":
-        env["MIMO_FAULT_SLOW_WRITE"] = "2:60"
-    with pytest.raises(AssertionError, match="exited with"):
+    failpoints = ("checkpoint.before_publish=exit(17)@rank1:iter2" if mode == "sync" else
+                  "checkpoint.write_in_flight=exit(17)@rank1:iter2;"
+                  "checkpoint.writer_start=sleep(60)@iter2")
+    env = {"MIMO_FAILPOINTS": failpoints}
+    # 17 is the failpoint's exit: the crash is the injected one, not some other failure
+    with pytest.raises(AssertionError, match=r"exited with \[[^\]]*\b17\b"):
         run_world(WORKER, 2, {"mode": "crash", "root": str(root), "iterations": 3,
                               "overrides": overrides}, timeout=200, extra_env=env)
     time.sleep(0.5)
@@ -91,8 +97,8 @@ def test_rank_killed_during_save_leaves_previous_checkpoint_loadable(tmp_path, m
     resumed = run_world(WORKER, 2, {"mode": "crash", "root": str(root), "iterations": 1,
                                     "overrides": overrides}, timeout=200)
     for rank, outcome in enumerate(resumed):
-        assert outcome["start"] == 1
-        assert outcome["records"] == [crashed[rank][1]]  # iteration 2 again, bit for bit
+        assert outcome.start == 1
+        assert outcome.records == [crashed[rank][1]]  # iteration 2 again, bit for bit
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert not (root / ".tmp_iter_0000002").exists()
 
@@ -118,16 +124,16 @@ def corrupt(corrupt_root):
 ])
 def test_damaged_checkpoint_is_one_error_naming_the_file(corrupt, damage, file_named, words):
     for rank in corrupt:  # every rank fails the same way, before any tensor is read
-        outcome = rank[damage]
-        assert outcome["error"] is not None, damage
-        assert outcome["type"] == "CheckpointError", outcome
-        assert file_named in outcome["error"] and words in outcome["error"], outcome
-        assert "\n" not in outcome["error"]  # one line
+        outcome = rank.loads[damage]
+        assert outcome.error is not None, damage
+        assert outcome.type == "CheckpointError", outcome
+        assert file_named in outcome.error and words in outcome.error, outcome
+        assert "\n" not in outcome.error  # one line
 
 
 def test_retention_keeps_the_newest_k(corrupt):
     for rank in corrupt:  # three saves with --ckpt-keep-last 2
-        assert rank["kept"] == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
+        assert rank.kept == ["iter_0000002", "iter_0000003", "latest_checkpointed_iteration.txt"]
 
 
 def _tool(*args):
@@ -175,7 +181,8 @@ def test_kill_during_deletion_leaves_every_remaining_checkpoint_loadable(corrupt
     shutil.copytree(corrupt_root / "good", root)  # iterations 2 and 3, tracker at 3
     prune = f"from megatron_mimo.checkpoint import retention; retention.prune({str(root)!r}, 1)"
     done = subprocess.run([sys.executable, "-c", prune], cwd=REPO_ROOT, timeout=60,
-                          env={"PYTHONPATH": str(REPO_ROOT), "MIMO_FAULT_CRASH_DURING_PRUNE": "1"})
+                          env={"PYTHONPATH": str(REPO_ROOT),
+                               "MIMO_FAILPOINTS": "checkpoint.prune_moved_aside=exit(17)"})
     assert done.returncode == 17  # killed between moving iteration 2 aside and deleting it
     assert sorted(p.name for p in root.glob("iter_*")) == ["iter_0000003"]
     from megatron_mimo.checkpoint.storage import remove_stale
@@ -205,12 +212,12 @@ def test_disk_full_is_one_line_naming_the_directory_and_latest_stays(small_disk)
     root = small_disk / "ckpt"
     for rank in outcome:
         for attempt in ("sync", "async"):
-            failed = rank[attempt]
-            assert failed["type"] == "CheckpointError", failed
-            assert f"to {root}: the disk is full" in failed["error"] and "\n" not in failed["error"]
-            assert "still names iteration 1" in failed["error"]
-            assert failed["tracker"] == 1
-    assert outcome[0]["sync"]["leftovers"] == [".tmp_iter_0000002"]
-    assert outcome[0]["leftovers_at_start"] == [[], []]  # the next start removed it
-    assert outcome[0]["leftovers_at_last_start"] == []
+            failed = rank.attempts[attempt]
+            assert failed.type == "CheckpointError", failed
+            assert f"to {root}: the disk is full" in failed.error and "\n" not in failed.error
+            assert "still names iteration 1" in failed.error
+            assert failed.tracker == 1
+    assert outcome[0].attempts["sync"].leftovers == [".tmp_iter_0000002"]
+    assert outcome[0].leftovers_at_start == [[], []]  # the next start removed it
+    assert outcome[0].leftovers_at_last_start == []
     assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"

@@ -21,13 +21,13 @@ class Outer:
 
 
 def test_nested_results_round_trip_through_json(monkeypatch):
-    monkeypatch.setattr("tests.workers.contract.PACKAGE", "tests.unit.")
+    monkeypatch.setattr("tests.workers.contract.PACKAGE", Inner.__module__)
     result = [Outer("a", Inner([1.0, 2.5]), {"x": Inner([])}), None]
     assert decode(json.loads(json.dumps(encode(result)))) == result
 
 
 def test_a_field_the_worker_did_not_fill_fails_in_the_test(monkeypatch):
-    monkeypatch.setattr("tests.workers.contract.PACKAGE", "tests.unit.")
+    monkeypatch.setattr("tests.workers.contract.PACKAGE", Inner.__module__)
     raw = encode(Inner([1.0]))
     raw["stray"] = 1
     with pytest.raises(TypeError, match="stray"):

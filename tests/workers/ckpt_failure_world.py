@@ -5,6 +5,8 @@ Modes (args["mode"]):
   "crash"     train with a save every iteration while a rank dies inside one save
   "corrupt"   load damaged copies of one checkpoint (truncated shard, garbage metadata, ...)
   "disk_full" save to a small filesystem until it is full
+Each mode returns one dataclass below (:mod:`tests.workers.contract`): a field the test reads
+under another name fails at once instead of deep inside an assertion.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,49 +24,141 @@ from tests.workers.ckpt_world import TWO_RANKS, UNEVEN, Run, exact, make_cfg
 from tests.workers.common import forbid_parallel_state_groups, worker_main
 
 
-def mode_features(args: dict) -> dict:
-    root, out = args["root"], {}
+@dataclass
+class Shard:
+    """One rank's optimizer shard: its branch and number of parameters."""
+
+    branch: str
+    size: int
+
+
+@dataclass
+class SaveAttempt:
+    """A save expected to fail: the error (type: message), or skipped on the absent rank."""
+
+    error: str | None = None
+    seconds: float | None = None
+    skipped: bool = False
+
+
+@dataclass
+class Reloaded:
+    """The features checkpoint loaded in a new run."""
+
+    iteration: int
+    skipped_at: list[int]
+    eval: float
+
+
+@dataclass
+class Features:
+    """Mode "features" on one rank."""
+
+    shards: list[Shard]
+    """Every rank's optimizer shard, rank order (the same list on every rank)."""
+    fingerprints: list[str]
+    """Sharded key-set fingerprints of the two saves (without and with skip history)."""
+    eval_at_save: float
+    reloaded: Reloaded
+    mismatch: SaveAttempt
+    """The last rank saves another iteration than the others."""
+    missing: SaveAttempt
+    """The last rank never arrives at the save."""
+
+
+@dataclass
+class Crashed:
+    """Mode "crash" on one rank (only when the world was not killed by a failpoint)."""
+
+    start: int
+    """Iteration the run resumed from."""
+    records: list[dict]
+    """exact() of every iteration trained."""
+
+
+@dataclass
+class LoadAttempt:
+    """A load of a damaged checkpoint: the error's type and message (None when it loaded)."""
+
+    type: str | None
+    error: str | None
+
+
+@dataclass
+class Corrupt:
+    """Mode "corrupt" on one rank."""
+
+    kept: list[str]
+    """What retention left in the save directory after three saves."""
+    loads: dict[str, LoadAttempt]
+    """By name of the damage (:data:`CORRUPTIONS`)."""
+
+
+@dataclass
+class FullSave:
+    """A save to a full disk: the error, then the tracker and leftovers it left."""
+
+    type: str | None
+    error: str | None
+    seconds: float | None
+    tracker: int | None
+    leftovers: list[str]
+
+
+@dataclass
+class DiskFull:
+    """Mode "disk_full" on one rank."""
+
+    attempts: dict[str, FullSave]
+    """"sync" and "async"."""
+    leftovers_at_start: list[list[str]]
+    """``.tmp_*`` entries when each attempt's manager was created."""
+    leftovers_at_last_start: list[str]
+
+
+def mode_features(args: dict) -> Features:
+    root = args["root"]
     run = Run(make_cfg(UNEVEN, {"checkpoint.save": root, "checkpoint.ckpt_timeout_s": 5}))
     shard = sum(p.numel() for opt_group in run.job.optimizer.param_groups for p in opt_group["params"])
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (run.job.branch, shard))
-    out["shards"] = gathered
     run.step()
     run.save()
     first = run.manager.last_fingerprint
     run.step(inject_found_inf=True)  # optional state (skip history) becomes non-empty
     run.save()
-    out["fingerprints"] = [first, run.manager.last_fingerprint]
-    out["eval_at_save"] = run.eval_loss()
+    fingerprints = [first, run.manager.last_fingerprint]
+    eval_at_save = run.eval_loss()
     run.close()
     reload = Run(make_cfg(UNEVEN, {"checkpoint.load": root, "checkpoint.save": root + "_again",
                                    "checkpoint.ckpt_timeout_s": 5}))
     reload.load()
-    out["reloaded"] = {"iteration": reload.state.iteration, "skipped_at": reload.state.skipped_at,
-                       "eval": reload.eval_loss()}
-    out["mismatch"] = _save_error(reload, bump_iteration_on_rank=dist.get_world_size() - 1)
-    out["missing"] = _save_error(reload, skip_on_rank=dist.get_world_size() - 1)
-    return out
+    reloaded = Reloaded(reload.state.iteration, list(reload.state.skipped_at), reload.eval_loss())
+    return Features(shards=[Shard(branch, size) for branch, size in gathered],
+                    fingerprints=fingerprints, eval_at_save=eval_at_save, reloaded=reloaded,
+                    mismatch=_save_error(reload, bump_iteration_on_rank=dist.get_world_size() - 1),
+                    missing=_save_error(reload, skip_on_rank=dist.get_world_size() - 1))
 
 
 def _save_error(run: Run, bump_iteration_on_rank: int | None = None,
-                skip_on_rank: int | None = None) -> dict:
+                skip_on_rank: int | None = None) -> SaveAttempt:
     rank = dist.get_rank()
     if rank == skip_on_rank:
         time.sleep(run.cfg.checkpoint.ckpt_timeout_s + 5)  # busy elsewhere, never saves
-        return {"skipped": True}
+        return SaveAttempt(skipped=True)
     iteration = run.state.iteration + (rank == bump_iteration_on_rank)
     start = time.monotonic()
     try:
         run.manager.save(iteration)
-        return {"error": None}
+        return SaveAttempt()
     except Exception as error:  # noqa: BLE001
-        return {"error": f"{type(error).__name__}: {error}", "seconds": time.monotonic() - start}
+        return SaveAttempt(f"{type(error).__name__}: {error}", time.monotonic() - start)
 
 
-def mode_crash(args: dict) -> dict:
-    """Save every iteration (one rank dies inside a save when the fault hook says so); every
-    record is also appended to <root>/records_rank<R>.jsonl, which survives the crash."""
+def mode_crash(args: dict) -> Crashed:
+    """Save every iteration (one rank dies inside a save when a failpoint says so, see
+    :mod:`megatron_mimo.failpoints`); every record is also appended to
+    <root>/records_rank<R>.jsonl, which survives the crash."""
 
     run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": args["root"], "checkpoint.load": args["root"],
                                    "checkpoint.ckpt_timeout_s": 10, **args.get("overrides", {})}))
@@ -79,7 +174,7 @@ def mode_crash(args: dict) -> dict:
         run.save()
         run.manager.poll()
     run.close()
-    return {"start": start, "records": records}
+    return Crashed(start, records)
 
 
 CORRUPTIONS = {
@@ -105,7 +200,7 @@ def _truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-def mode_corrupt(args: dict) -> dict:
+def mode_corrupt(args: dict) -> Corrupt:
     """Save one checkpoint, then load a damaged copy of it once per kind of damage."""
 
     root = Path(args["root"])
@@ -115,7 +210,7 @@ def mode_corrupt(args: dict) -> dict:
         run.step()
         run.save()
     run.close()
-    out = {"kept": sorted(p.name for p in (root / "good").iterdir())}
+    out = Corrupt(kept=sorted(p.name for p in (root / "good").iterdir()), loads={})
     for name, damage in CORRUPTIONS.items():
         copy = root / name
         if dist.get_rank() == 0:
@@ -125,43 +220,45 @@ def mode_corrupt(args: dict) -> dict:
         probe = Run(make_cfg(TWO_RANKS, {"checkpoint.load": str(copy)}))
         try:
             probe.load()
-            out[name] = {"error": None}
+            out.loads[name] = LoadAttempt(None, None)
         except Exception as error:  # noqa: BLE001 - the type and message are what is checked
-            out[name] = {"type": type(error).__name__, "error": str(error)}
+            out.loads[name] = LoadAttempt(type(error).__name__, str(error))
         probe.close()
     return out
 
 
-def mode_disk_full(args: dict) -> dict:
+def mode_disk_full(args: dict) -> DiskFull:
     """Save to a small filesystem: the first checkpoint fits, the second does not (once
     synchronously, once in the background); a new manager then clears the leftovers."""
     from megatron_mimo.checkpoint.storage import read_tracker
 
     root = Path(args["root"]) / "ckpt"
-    out: dict[str, Any] = {}
+    attempts: dict[str, FullSave] = {}
+    leftovers_at_start = []
     for attempt, background in (("sync", False), ("async", True)):
         run = Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root),
                                        "checkpoint.async_save": background}))
-        out.setdefault("leftovers_at_start", []).append(sorted(p.name for p in root.glob(".tmp_*")))
+        leftovers_at_start.append(sorted(p.name for p in root.glob(".tmp_*")))
         run.step()
         if attempt == "sync":
             run.save()
         run.step()
-        start = time.monotonic()
+        start, failure = time.monotonic(), None
         try:
             run.save()
             run.manager.wait()
-            out[attempt] = {"error": None}
         except Exception as error:  # noqa: BLE001 - the type and message are what is checked
-            out[attempt] = {"type": type(error).__name__, "error": str(error),
-                            "seconds": time.monotonic() - start}
-        out[attempt]["tracker"] = read_tracker(root)
+            failure = error
+        seconds = time.monotonic() - start
+        tracker = read_tracker(root)
         dist.barrier()
-        out[attempt]["leftovers"] = sorted(p.name for p in root.glob(".tmp_*"))
+        attempts[attempt] = FullSave(
+            type=type(failure).__name__ if failure else None, error=str(failure) if failure else None,
+            seconds=seconds if failure else None, tracker=tracker,
+            leftovers=sorted(p.name for p in root.glob(".tmp_*")))
         run.close()
     Run(make_cfg(TWO_RANKS, {"checkpoint.save": str(root)})).close()
-    out["leftovers_at_last_start"] = sorted(p.name for p in root.glob(".tmp_*"))
-    return out
+    return DiskFull(attempts, leftovers_at_start, sorted(p.name for p in root.glob(".tmp_*")))
 
 
 MODES = {"features": mode_features, "crash": mode_crash, "corrupt": mode_corrupt,
