@@ -264,7 +264,8 @@ def _load_schedulers(schedulers: dict[str, Any], states: dict[str, dict[str, Any
 
 
 FORMAT = "megatron-mimo/2"
-"""/2: the data state is one object per rank (it was one per branch)."""
+"""Checkpoint format version written into the manifest; in /2 the data state is one object per
+rank. Bump it whenever a piece moves to another key."""
 
 
 def summary(pieces: Pieces) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _task_encoder_class():
-    """Built on first use: importing Energon costs ~1 s and is an optional dependency."""
+    """Built on first use: Energon is an optional dependency and slow to import."""
     from megatron.energon import DefaultTaskEncoder
 
     class ImageCaptionEncoder(DefaultTaskEncoder):
@@ -127,12 +127,12 @@ def build_train_loader(spec: ViewSpec, sample_format: SampleFormat):
 def build_val_loader(spec: ViewSpec, sample_format: SampleFormat):
     """One in-order pass over the ``val`` split (a fresh loader per evaluation: same samples).
 
-    Built without Energon's garbage-collector freeze (``get_loader`` always asks for it,
-    ``savable_loader.py:1258``): an in-process loader calls ``gc.freeze()`` when its pass starts
-    and ``gc.unfreeze()`` when it ends (``wrappers/gc_dataset.py:137,148``). The freeze is
-    process-wide, so the end of a val pass also unfroze everything the training loader had
-    frozen; every later full collection then walked ~400k objects (0.5-1 s, every 2-3 steps):
-    training ran ~2.5x slower after the first evaluation."""
+    It must leave the process's garbage-collector freeze alone. Energon's ``get_loader`` builds
+    an in-process loader that calls ``gc.freeze()`` when its pass starts and ``gc.unfreeze()``
+    when it ends; the freeze is process-wide, so such a val pass would unfreeze everything the
+    training loader froze, and every later full collection would walk the whole heap again
+    (training slows down after each evaluation). Hence ``gc_freeze_at_start=False``; pinned by
+    ``tests/unit/test_energon_data.py`` (the freeze count survives a val pass)."""
     energon = import_energon()
     from megatron.energon.savable_loader import BasicDataLoader
 
@@ -167,8 +167,8 @@ def start_loaders(loaders: list) -> list:
 
     Energon's workers call ``gc.collect()`` first thing; any garbage the training process had
     not collected yet (cycles around process groups, say) would then be finalised in the child,
-    where its resources are not valid: measured as a worker segfault. Collecting in this process
-    and freezing what is left across the fork keeps inherited objects out of the child's
+    where its resources are not valid (the worker segfaults). Collecting in this process and
+    freezing what is left across the fork keeps inherited objects out of the child's
     collections."""
     gc.collect()
     gc.freeze()
@@ -181,9 +181,9 @@ def start_loaders(loaders: list) -> list:
 def close_loaders(loaders: list) -> None:
     """Stop the loaders' worker processes now, in a fraction of a second.
 
-    Dropped as they are, each worker of a used loader costs 5 s: Energon's per-worker command
-    thread (``savable_loader.py:276-310``) waits on its queue, so the worker does not exit and
-    torch's shutdown waits out its join timeout before terminating it. A ``None`` command ends
+    Dropped as they are, each worker of a used loader outlives its loader by torch's join
+    timeout: Energon's per-worker command thread waits on its queue, so the worker does not exit
+    and torch's shutdown waits out the timeout before terminating it. A ``None`` command ends
     that thread; then torch's own shutdown joins at once."""
     for loader in loaders:
         for queue in getattr(loader, "cmd_queues", []):

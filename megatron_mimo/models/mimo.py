@@ -95,9 +95,8 @@ def wrap_branch(module: torch.nn.Module, pgs, config, precision: PrecisionConfig
         module = Float16Module(config, module)
         # Float16Module reads the PP group from pg_collection, else from parallel_state
         module.pg_collection = pgs
-        # the weights are 16-bit from here on (they were created in fp32, see
-        # build_transformer_config); MambaLayer casts its input to params_dtype in forward
-        # (ssm/mamba_layer.py:151): left at fp32 it fed fp32 into 16-bit weights and failed
+        # the weights are 16-bit from here on (created in fp32, see build_transformer_config),
+        # and params_dtype must say so: MambaLayer casts its input to params_dtype in forward
         config.params_dtype = TORCH_DTYPES[precision.name]
     return DistributedDataParallel(config=config, ddp_config=ddp_config(precision.grads_in_fp32),
                                    module=module, pg_collection=pgs)

@@ -6,7 +6,7 @@ the per-branch optimizers ourselves (same calls) so each branch gets its own LR,
 to megatron-core's ``MimoOptimizer``, which agrees found-inf (MAX), per-branch grad-norm^2 (MAX,
 then sum) and success (MIN) over the whole world, in the same order on every rank. In bf16/fp16
 each DistributedOptimizer keeps fp32 main parameters; in fp16 every branch's loss scaler moves on
-the world's found-inf verdict (workaround ``world_agreed_loss_scaler``). Its hard-coded CUDA-only
+the world's found-inf verdict (workaround ``defer_scaler_updates``). Its hard-coded CUDA-only
 tensors are handled on the CPU by :mod:`megatron_mimo.compat.cpu`.
 """
 
