@@ -7,7 +7,10 @@
 Every step runs megatron-core's 1F1B schedule; the phases of every rank are ``data``,
 ``forward``, ``backward`` (compute), ``bridge`` (images <-> language stage 0), ``p2p`` (between
 language stages, PP > 1 only), ``grad_sync`` and ``optimizer``; both communication phases
-include waiting for the peer, i.e. the pipeline bubble. Each rank reports its pipeline ``stage``.
+include waiting for the peer, i.e. the pipeline bubble; ``backward`` is the rest of the
+schedule's time. Each rank reports its pipeline ``stage``. On a GPU the phases are device time
+(CUDA events on the current stream), on the CPU host time (see
+:mod:`megatron_mimo.training.timing`).
 
 Prints one JSON object (rank 0): mean ms per phase for each rank after 2 warm-up iterations,
 and each phase as a fraction of that rank's step time. ``bridge`` includes waiting for the

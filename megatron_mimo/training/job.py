@@ -1,4 +1,5 @@
-"""Everything one rank needs to train, built once: topology, model, optimizer, bridge, data."""
+"""Everything one rank needs to train, built once: topology, model, optimizer, bridge, data,
+and the phase timer the bridge and P2P calls report into."""
 
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ from megatron_mimo.training.optimizer import (
     build_mimo_optimizer,
     build_schedulers,
 )
-from megatron_mimo.training.pipeline import build_pipeline_communicator, schedule_process_groups
+from megatron_mimo.training.pipeline import (
+    build_pipeline_communicator,
+    schedule_process_groups,
+    time_communication,
+)
 from megatron_mimo.training.seeding import seed_rank
+from megatron_mimo.training.timing import PhaseTimer, device_clock
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +54,9 @@ class Job:
     """This rank's groups as the multi-module schedule takes them."""
     data: BranchData
     """This rank's part of every global batch (mock samples or Energon loaders)."""
+    timer: PhaseTimer
+    """Phase times of the running step or evaluation (each resets it); the communicator's
+    bridge and P2P calls report into it."""
     num_parameters: int = 0
     """Parameters of both branches (world-wide, TP shards added up once per branch); set by
     :func:`build_job`."""
@@ -82,15 +91,19 @@ class Job:
 
 def build_job(cfg: MimoConfig, runtime: Runtime, topology: Topology) -> Job:
     """Data first (a bad --data-path fails on every rank before any collective), then seed,
-    model, optimizer, schedulers and bridge of this rank."""
+    model, optimizer, schedulers and bridge of this rank; the bridge's calls are timed from here
+    on."""
     branch = topology.my_branch
     data = build_branch_data(cfg, branch, topology.dp_rank())
     seed_rank(cfg.training.seed, branch, topology.tp_rank())
     model = build_mimo_model(cfg, topology, runtime.device)
     optimizer = build_mimo_optimizer(cfg, model, topology, runtime.device)
     schedulers = build_schedulers(cfg, optimizer, topology)
-    job = Job(cfg, runtime, topology, model, optimizer, schedulers,
-              build_pipeline_communicator(topology, model), schedule_process_groups(topology), data)
+    communicator = build_pipeline_communicator(topology, model)
+    timer = PhaseTimer(device_clock(runtime.device))
+    time_communication(communicator, timer)
+    job = Job(cfg, runtime, topology, model, optimizer, schedulers, communicator,
+              schedule_process_groups(topology), data, timer)
     job.num_parameters = count_parameters(job)
     return job
 

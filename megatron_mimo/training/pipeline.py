@@ -8,17 +8,18 @@ language stage 0) and point-to-point between language stages, and its
 ``MultiModuleProcessGroupCollection``) runs warmup / 1F1B / cooldown on every rank. This module
 only provides what the schedule asks of a user: the communicator, the per-rank data iterator,
 the forward step and the loss function (a per-token sum; the global token count divides the
-gradients after the grad sync, :mod:`megatron_mimo.training.step`).
+gradients after the grad sync, :mod:`megatron_mimo.training.step`), and the timing of the
+communication, installed once per job (:func:`time_communication`).
 
-With one language stage the schedule gives the same records, bit for bit, as the hand-written
-step it replaced (encoder one micro-batch ahead, then receive, backprop, send back).
+What must stay true: every layout trains like the single-rank reference, one language stage or
+several (``tests/distributed/test_hetero_training.py``), and a resumed run's records equal the
+uninterrupted run's bit for bit (``tests/distributed/test_checkpoint_resume.py``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
-from functools import partial
+from functools import partial, wraps
 
 import torch
 from megatron.core.models.mimo import MimoModel
@@ -36,6 +37,8 @@ from megatron_mimo.data.source import TEXT_FIELDS, Batch
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.language import count_correct_answers
 from megatron_mimo.models.vision import images_inputs
+from megatron_mimo.training.state import BatchSums
+from megatron_mimo.training.timing import PhaseTimer
 
 if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages by this key
     raise ImportError(f"megatron-core names the language module {MIMO_LANGUAGE_MODULE_KEY!r}, "
@@ -44,12 +47,13 @@ if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages 
 PIPELINE_TOPOLOGY = {IMAGES: [LANGUAGE], LANGUAGE: []}
 """Module DAG of the pipeline: images feed the first language stage."""
 
-REPORTED = ("loss_sum", "num_tokens", "correct", "answers")
-"""What the last stage reports per micro-batch, in the order of the step's sums."""
-
 COMM_METHODS = ("recv_forward", "send_forward", "send_forward_recv_backward",
                 "send_backward_recv_forward", "recv_backward", "send_backward")
 """Calls the schedule makes on the bridge and P2P communicators (timed: transfer and bubble)."""
+
+COMPUTED_ELSEWHERE = ("forward", "bridge", "p2p")
+"""Phases timed inside the schedule; the rest of its time is ``backward`` (backward passes and
+the schedule's bookkeeping)."""
 
 
 def build_pipeline_communicator(topology: Topology, model: MimoModel
@@ -72,20 +76,21 @@ def schedule_process_groups(topology: Topology) -> MultiModuleProcessGroupCollec
 
 def _per_token_loss(loss_mask: torch.Tensor, loss_scale: float, extra: dict[str, torch.Tensor],
                     token_loss: torch.Tensor):
-    """Loss function of the last stage: (sum to backprop, token count, what the step reports).
-    The schedule divides nothing (``calculate_per_token_loss``); the world token count divides
-    the gradients after the grad sync, as in the one-stage step."""
+    """Loss function of the last stage: (sum to backprop, token count, what the step reports,
+    keyed by :class:`BatchSums` field). The schedule divides nothing
+    (``calculate_per_token_loss``); the world token count divides the gradients after the grad
+    sync."""
     loss_sum = (token_loss.float() * loss_mask).sum()
     num_tokens = loss_mask.sum()
     reported = {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach().float()}
     return loss_sum * loss_scale, num_tokens.int(), {**reported, **extra}
 
 
-def make_forward_step(job, forward_only: bool, timer) -> Callable:
+def make_forward_step(job, forward_only: bool) -> Callable:
     """The ``forward_step_func`` of this rank: images ranks encode pixels; language stages run
     their layers (stage 0 merges the received image embeddings, the last stage the loss, and in
     evaluation a second, logits-only pass that counts the correct answers)."""
-    device, dtype = job.runtime.device, job.dtype
+    device, dtype, timer = job.runtime.device, job.dtype, job.timer
     # fp16: the loss scale (1 otherwise; unscaled in prepare_grads), read once per global batch
     scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
 
@@ -127,53 +132,48 @@ def _comm_parts(communicator: MultiModulePipelineCommunicator) -> list[tuple[str
     return parts
 
 
-def _time_comms(communicator: MultiModulePipelineCommunicator, timer) -> None:
-    """Route the bridge and P2P calls through ``timer('bridge' / 'p2p')`` for one schedule run
-    (instance attributes shadow the methods until :func:`_untime_comms`). The time includes
+def time_communication(communicator: MultiModulePipelineCommunicator, timer: PhaseTimer) -> None:
+    """Route every bridge and P2P call of this rank's schedule through ``timer('bridge' / 'p2p')``
+    for the life of the communicator (the job calls it once, when it is built). The time includes
     waiting for the peer, i.e. the pipeline bubble."""
     for phase, part in _comm_parts(communicator):
         for name in COMM_METHODS:
             if not hasattr(type(part), name):
                 continue
-            method = getattr(type(part), name).__get__(part)
-
-            def timed(*args, _method=method, _phase=phase, **kwargs):
-                with timer(_phase):
-                    return _method(*args, **kwargs)
-
-            setattr(part, name, timed)
+            if name in vars(part):
+                raise RuntimeError(f"{type(part).__name__}.{name} is timed already")
+            setattr(part, name, _timed(getattr(part, name), timer, phase))
 
 
-def _untime_comms(communicator: MultiModulePipelineCommunicator) -> None:
-    for _, part in _comm_parts(communicator):
-        for name in COMM_METHODS:
-            part.__dict__.pop(name, None)
+def _timed(method: Callable, timer: PhaseTimer, phase: str) -> Callable:
+    @wraps(method)
+    def timed(*args, **kwargs):
+        with timer(phase):
+            return method(*args, **kwargs)
+
+    return timed
 
 
-def pipeline_forward_backward(job, batches: list[Batch], timer, forward_only: bool) -> torch.Tensor:
-    """Run every micro-batch of one global batch through the 1F1B schedule; return this rank's
-    sums (loss, loss tokens, correct answers, answers), non-zero on the last language stage only."""
-    communicator = job.pipeline
-    _time_comms(communicator, timer)
-    measured = ("forward", "bridge", "p2p")
-    before = sum(timer.ms.get(k, 0.0) for k in measured)
-    start = time.perf_counter()
-    try:
+def pipeline_forward_backward(job, batches: list[Batch], forward_only: bool) -> torch.Tensor:
+    """Run every micro-batch of one global batch through the 1F1B schedule, timing its phases in
+    ``job.timer``; return this rank's :class:`BatchSums` as a tensor (non-zero on the last
+    language stage only)."""
+    with job.timer.remainder("backward", excluding=COMPUTED_ELSEWHERE):
         reported = forward_backward_pipelining_without_interleaving(
-            forward_step_func=make_forward_step(job, forward_only, timer),
+            forward_step_func=make_forward_step(job, forward_only),
             data_iterator=iter(batches), model=[job.model], num_microbatches=len(batches),
             seq_length=job.cfg.language.seq_length,
             micro_batch_size=job.cfg.branch_micro_batch(job.branch),
-            forward_only=forward_only, p2p_communicator=communicator,
+            forward_only=forward_only, p2p_communicator=job.pipeline,
             pg_collection=job.schedule_pgs)
-    finally:
-        _untime_comms(communicator)
-    # compute outside the forward steps: the backward passes (and the schedule's bookkeeping)
-    elapsed = (time.perf_counter() - start) * 1e3
-    timer.ms["backward"] += elapsed - (sum(timer.ms.get(k, 0.0) for k in measured) - before)
-    sums = torch.zeros(4, device=job.runtime.device)
+    return sum_reported(reported, job.runtime.device)
+
+
+def sum_reported(reported: list[dict[str, torch.Tensor]], device: torch.device) -> torch.Tensor:
+    """The micro-batches' reports summed per :class:`BatchSums` column, in fp32 on ``device``
+    (a key that is no field raises: nothing reported is dropped)."""
+    sums = BatchSums().to_tensor(device)
     for item in reported:
-        for column, name in enumerate(REPORTED):
-            if name in item:
-                sums[column] += item[name].to(sums.device)
+        for name, value in item.items():
+            sums[BatchSums.column(name)] += value.to(device)
     return sums

@@ -1,5 +1,6 @@
 """Progress of a run and what one iteration reports: the train state a checkpoint keeps, the
-world-agreed result of a step, and the metrics record every sink receives."""
+sums of a global batch, the world-agreed result of a step, and the metrics record every sink
+receives."""
 
 from __future__ import annotations
 
@@ -7,8 +8,49 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 FLOPS_PER_PARAMETER_TOKEN = 6.0
 """Training FLOPs per parameter per token (forward + backward), the usual estimate."""
+
+
+@dataclass(frozen=True)
+class BatchSums:
+    """What the last language stage reports for a global batch, summed over its micro-batches
+    (over the world after the step's one all-reduce). The field order is the column order of the
+    tensor that all-reduce sums: the one place that order is written down."""
+
+    loss_sum: float = 0.0
+    """Per-token loss summed over the loss tokens."""
+    num_tokens: float = 0.0
+    """Loss tokens (the sum of the loss mask)."""
+    correct: float = 0.0
+    """Evaluation only: samples whose answer word is the argmax of the logits."""
+    answers: float = 0.0
+    """Evaluation only: samples asked."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Field names in column order (the keys the loss function reports)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def column(cls, name: str) -> int:
+        """Column of ``name`` in :meth:`to_tensor` (ValueError for a name that is no field)."""
+        return cls.names().index(name)
+
+    def to_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The sums as one fp32 tensor (a column per field), for accumulating and all-reducing."""
+        return torch.tensor(dataclasses.astuple(self), dtype=torch.float32, device=device)
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> BatchSums:
+        """Read back :meth:`to_tensor`'s layout (one host synchronisation)."""
+        return cls(*tensor.tolist())
+
+    def __add__(self, other: BatchSums) -> BatchSums:
+        return BatchSums(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                                  dataclasses.astuple(other), strict=True)))
 
 
 @dataclass
