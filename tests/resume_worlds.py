@@ -2,7 +2,9 @@
 
 Every case first trains 2N iterations straight and N iterations with a save (one world per world
 size, cases in turn), then resumes in fresh processes (again one world per world size). A world
-start costs ~10 s of imports and set-up on this machine, so the 8 cases take 4 worlds, not 16.
+start costs ~10 s of imports and set-up on this machine, so the 9 cases take 4 worlds, not 18.
+Each rank's result is a :class:`~tests.workers.ckpt_world.Saved` / ``Resumed`` (``Flags`` for
+the load-flag runs).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import run_world
-from tests.workers.ckpt_world import TWO_RANKS
+from tests.workers.ckpt_world import TWO_RANKS, Flags, Resumed, Saved
 
 WORKER = "tests.workers.ckpt_world"
 A = "images_tp1dp2_language_tp2dp1"
@@ -40,12 +42,13 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {  # name: (layout, ranks, o
 """B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves;
 TWO_RANKS is also the fp32 run the precision cases compare with."""
 
-FOREIGN = {A: {"foreign": B, "from_pp2": PP2}, B: {"foreign": A}, PP2: {"from_pp1": B, "from_pp1_dp": A},
-           "bf16_two_ranks": {"foreign": TWO_RANKS}}
-"""Before resuming its own checkpoint, a case loads these others': A loads B's fully_reshardable
-one (another TP/DP) and PP2's (language PP2 -> PP1), B loads A's dp_reshardable one (refused at
-once), PP2 loads B's (PP1 -> PP2) and A's (a PP change under dp_reshardable: refused), bf16 loads
-the fp32 one (refused: another precision's optimizer state)."""
+FOREIGN = {A: {"other_layout": B, "from_pp2": PP2}, B: {"other_layout": A},
+           PP2: {"from_pp1": B, "from_pp1_dp": A}, "bf16_two_ranks": {"fp32": TWO_RANKS}}
+"""Before resuming its own checkpoint, a case loads these others' (``Resumed.probes`` by probe
+name): A loads B's fully_reshardable one (another TP/DP) and PP2's (language PP2 -> PP1), B loads
+A's dp_reshardable one (refused at once), PP2 loads B's (PP1 -> PP2) and A's (a PP change under
+dp_reshardable: refused), bf16 loads the fp32 one (refused: another precision's optimizer
+state)."""
 
 
 def _by_world_size(mode: str, root: Path, extra, more: dict[str, tuple[int, dict]] | None = None
@@ -68,13 +71,13 @@ def _by_world_size(mode: str, root: Path, extra, more: dict[str, tuple[int, dict
     return out
 
 
-def save_all(root: Path) -> dict[str, list[Any]]:
+def save_all(root: Path) -> dict[str, list[Saved]]:
     """Every case's straight run and its run until the save at N, per rank."""
     return _by_world_size("straight_and_saved", root, lambda name: {
         "inject_overflow_at": OVERFLOW_AT if name.startswith("fp16") else None})
 
 
-def resume_all(root: Path) -> dict[str, list[Any]]:
+def resume_all(root: Path) -> dict[str, list[Resumed | Flags]]:
     """Every case resumed in fresh processes (after its foreign probes), per rank. The bf16
     two-rank case also loads the fp32 weights with --finetune and --no-load-optim; "flags"
     loads the fp32 two-rank checkpoint with each --no-load-* flag and --finetune."""

@@ -1,6 +1,7 @@
 """Session fixtures ``root``, ``saved`` and ``resumed``: the save-then-resume worlds that
-test_checkpoint_resume and test_precision share (tests/resume_worlds.py). A module that defines
-fixtures of these names (test_energon_training) uses its own."""
+test_checkpoint_resume and test_precision share (tests/resume_worlds.py); per case, one
+``tests.workers.ckpt_world.Saved`` / ``Resumed`` per rank. A module that defines fixtures of
+these names (test_energon_training) uses its own."""
 
 import pytest
 

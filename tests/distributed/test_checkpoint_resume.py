@@ -18,18 +18,18 @@ RANKS = {name: ranks for name, (_, ranks, _) in CASES.items() if name in (A, B, 
 @pytest.mark.parametrize("layout", list(RANKS))
 def test_resumed_run_equals_straight_run_bitwise(saved, resumed, layout):
     for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
-        straight = rank_saved["straight"][N:]
-        resumed = rank_resumed["records"]
+        straight = rank_saved.straight[N:]
+        resumed = rank_resumed.records
         assert [r["iteration"] for r in resumed] == list(range(N + 1, 2 * N + 1))
         for want, got in zip(straight, resumed, strict=True):
             for key in EXACT_KEYS:
                 assert got[key] == want[key], (layout, got["iteration"], key, got[key], want[key])
         # run B itself followed A for its N iterations
-        assert rank_saved["until_save"] == rank_saved["straight"][:N]
+        assert rank_saved.until_save == rank_saved.straight[:N]
 
 
 def test_resume_point_inside_warmup_and_run_crosses_into_decay(saved):
-    lrs = [r["lr"]["language"] for r in saved[TWO_RANKS][0]["straight"]]
+    lrs = [r["lr"]["language"] for r in saved[TWO_RANKS][0].straight]
     peak = max(lrs)
     assert lrs[N - 1] < peak  # still warming up at the save
     assert lrs.index(peak) >= N and lrs[-1] < peak  # then peaks and decays
@@ -38,44 +38,45 @@ def test_resume_point_inside_warmup_and_run_crosses_into_decay(saved):
 @pytest.mark.parametrize("layout", list(RANKS))
 def test_rng_streams_and_data_indices_continue(saved, resumed, layout):  # modes 6 and 8
     for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
-        assert rank_resumed["rng"] == rank_saved["snapshot"]["rng"]
-        assert rank_resumed["indices"] == rank_saved["snapshot"]["indices"]
-        assert rank_resumed["iteration"] == N and rank_resumed["consumed_samples"] == N * 8
-        assert rank_saved["straight"][0]["floating_point_operations"] > 0
+        assert rank_resumed.position.rng == rank_saved.position_at_save.rng
+        assert rank_resumed.position.indices == rank_saved.position_at_save.indices
+        assert rank_resumed.iteration == N and rank_resumed.consumed_samples == N * 8
+        assert rank_saved.straight[0]["floating_point_operations"] > 0
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
 def test_loss_right_after_load_equals_loss_at_save(saved, resumed, layout):  # mode 5
     for rank_saved, rank_resumed in zip(saved[layout], resumed[layout], strict=True):
-        assert rank_resumed["eval_after_load"] == rank_saved["eval_at_save"]
+        assert rank_resumed.eval_after_load == rank_saved.eval_at_save
 
 
 def test_pipeline_resume_is_bitwise_inside_warmup(saved, resumed):
-    lrs = [r["lr"]["language"] for r in saved[PP2][0]["straight"]]
+    lrs = [r["lr"]["language"] for r in saved[PP2][0].straight]
     assert lrs[N - 1] < max(lrs) and lrs.index(max(lrs)) >= N  # resume point inside warmup
     for rank_saved, rank_resumed in zip(saved[PP2], resumed[PP2], strict=True):
-        for want, got in zip(rank_saved["straight"][N:], rank_resumed["records"], strict=True):
+        for want, got in zip(rank_saved.straight[N:], rank_resumed.records, strict=True):
             for key in EXACT_KEYS:
                 assert got[key] == want[key], (got["iteration"], key, got[key], want[key])
-        assert rank_resumed["eval_after_load"] == rank_saved["eval_at_save"]
-        assert rank_resumed["rng"] == rank_saved["snapshot"]["rng"]
-        assert rank_resumed["adam_equal"] and rank_resumed["main_params_equal"]
-        assert set(rank_resumed["steps_after_load"]) == {float(N)}
+        assert rank_resumed.eval_after_load == rank_saved.eval_at_save
+        assert rank_resumed.position.rng == rank_saved.position_at_save.rng
+        assert rank_resumed.adam_equals_saved and rank_resumed.main_params_equal
+        assert set(rank_resumed.adam_steps_after_load) == {float(N)}
 
 
 def test_fully_reshardable_resumes_across_a_language_pp_change(saved, resumed):
     for source, ranks, probe in ((saved[PP2], resumed[A], "from_pp2"),
                                  (saved[B], resumed[PP2], "from_pp1")):
         for rank in ranks:
-            assert rank[probe]["ok"], (probe, rank[probe])
-            assert rank[probe]["iteration"] == N
-            assert rank[probe]["eval"] == pytest.approx(source[0]["eval_at_save"], rel=1e-5), probe
+            loaded = rank.probes[probe]
+            assert loaded.ok, (probe, loaded)
+            assert loaded.iteration == N
+            assert loaded.eval == pytest.approx(source[0].eval_at_save, rel=1e-5), probe
 
 
 def test_dp_reshardable_refuses_a_language_pp_change(resumed):
     for rank in resumed[PP2]:
-        error = rank["from_pp1_dp"]["error"]
-        assert not rank["from_pp1_dp"]["ok"] and "CheckpointError" in error
+        error = rank.probes["from_pp1_dp"].error
+        assert not rank.probes["from_pp1_dp"].ok and "CheckpointError" in error
         assert "cannot resume the language branch" in error
         assert "language TP2xDP1xPP1 on ranks 2-3" in error and "language TP1xDP1xPP2 on ranks 2-3" in error
 
@@ -102,36 +103,37 @@ def test_every_language_layer_is_saved_once_across_stages(root, saved):
 @pytest.mark.parametrize("layout", [A, B])  # dp_reshardable and fully_reshardable
 def test_adam_state_round_trips_with_own_step_per_parameter(resumed, layout):  # modes 1 and 13
     for rank in resumed[layout]:
-        assert rank["adam_equal"]
-        assert rank["steps_after_load"] and set(rank["steps_after_load"]) == {float(N)}
-        assert set(rank["steps_after_one_more"]) == {float(N + 1)}
+        assert rank.adam_equals_saved
+        assert rank.adam_steps_after_load and set(rank.adam_steps_after_load) == {float(N)}
+        assert set(rank.adam_steps_after_one_more) == {float(N + 1)}
 
 
 def test_language_optimizer_meta_round_trips_off_rank_zero(resumed):  # mode 4
     for rank in resumed[A]:
-        meta = rank["optimizer_meta"]
-        assert list(meta) == [rank["branch"]]
-        assert meta[rank["branch"]]["param_state_sharding_type"] == "dp_reshardable"
-        groups = meta[rank["branch"]]["param_groups"]
+        meta = rank.optimizer_meta
+        assert list(meta) == [rank.branch]
+        assert meta[rank.branch]["param_state_sharding_type"] == "dp_reshardable"
+        groups = meta[rank.branch]["param_groups"]
         assert groups and all(g["step"] == float(N) for g in groups)
-        assert {g["max_lr"] for g in groups} == ({0.003} if rank["branch"] == "language" else {0.001})
+        assert {g["max_lr"] for g in groups} == ({0.003} if rank.branch == "language" else {0.001})
 
 
 def test_dp_reshardable_refuses_another_model_parallel_layout(resumed):
     for rank in resumed[B]:
-        foreign = rank["foreign"]
-        assert not foreign["ok"]
-        assert "CheckpointError" in foreign["error"]
-        assert "images TP1xDP2xPP1 on ranks 0-1" in foreign["error"]
-        assert "images TP2xDP1xPP1 on ranks 0-1" in foreign["error"]
+        foreign = rank.probes["other_layout"]
+        assert not foreign.ok
+        assert "CheckpointError" in foreign.error
+        assert "images TP1xDP2xPP1 on ranks 0-1" in foreign.error
+        assert "images TP2xDP1xPP1 on ranks 0-1" in foreign.error
 
 
 def test_fully_reshardable_resumes_under_another_layout(saved, resumed):
-    saved_eval = saved[B][0]["eval_at_save"]
+    saved_eval = saved[B][0].eval_at_save
     for rank in resumed[A]:
-        assert rank["foreign"]["ok"], rank["foreign"]
-        assert rank["foreign"]["iteration"] == N
-        assert rank["foreign"]["eval"] == pytest.approx(saved_eval, rel=1e-5)
+        foreign = rank.probes["other_layout"]
+        assert foreign.ok, foreign
+        assert foreign.iteration == N
+        assert foreign.eval == pytest.approx(saved_eval, rel=1e-5)
 
 
 @pytest.mark.parametrize("layout", [B, TWO_RANKS])
@@ -139,18 +141,18 @@ def test_async_save_pending_at_exit_interval_is_published_before_exit(root, save
     # --exit-interval stopped the loop right after the save at N was handed to the background
     # writer; the run waited for it, published it, and the resume tests above load it.
     for rank in saved[layout]:
-        assert rank["finished_by_wait"] == [N]
+        assert rank.finished_by_wait == [N]
     assert (root / layout / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
 
 
 def test_sync_save_never_waits(saved):
-    assert all(rank["finished_by_wait"] == [] for rank in saved[A])
+    assert all(rank.finished_by_wait == [] for rank in saved[A])
 
 
 def test_save_starts_no_helper_process(saved):
     # megatron-core's first save would spawn a multiprocessing Manager (~13 s here); an async
     # save's forked writer is joined once the save is published
-    assert all(not rank["helper_processes_after_save"] for layout in saved.values() for rank in layout)
+    assert all(not rank.helper_processes_after_save for layout in saved.values() for rank in layout)
 
 
 def test_checkpoint_layout_on_disk(root, saved):
@@ -174,43 +176,43 @@ def flags(resumed):
 
 def test_no_load_optim_starts_adam_fresh_but_continues_schedule(saved, flags):
     for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
-        got = rank["no_load_optim"]
-        assert got["adam_empty_or_zero"]
-        assert got["iteration"] == N and got["consumed_samples"] == N * 8
-        assert got["lr"] == rank_saved["straight"][N - 1]["lr"]
-        assert got["rng"] == rank_saved["snapshot"]["rng"]
-        assert got["next"]["loss"] == rank_saved["straight"][N]["loss"]  # same weights and data...
-        assert got["next"]["grad_norm"] == rank_saved["straight"][N]["grad_norm"]
+        got = rank.no_load_optim
+        assert got.adam_empty_or_zero
+        assert got.iteration == N and got.consumed_samples == N * 8
+        assert got.lr == rank_saved.straight[N - 1]["lr"]
+        assert got.rng == rank_saved.position_at_save.rng
+        assert got.next["loss"] == rank_saved.straight[N]["loss"]  # same weights and data...
+        assert got.next["grad_norm"] == rank_saved.straight[N]["grad_norm"]
 
 
 def test_no_load_rng_reseeds(saved, flags):
     for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
-        got = rank["no_load_rng"]
-        assert got["rng"] != rank_saved["snapshot"]["rng"]
-        assert got["rng"] == rank["fresh"]["rng"]  # exactly what --seed gives a new run
-        assert got["iteration"] == N and not got["adam_empty_or_zero"]
+        got = rank.no_load_rng
+        assert got.rng != rank_saved.position_at_save.rng
+        assert got.rng == rank.fresh.rng  # exactly what --seed gives a new run
+        assert got.iteration == N and not got.adam_empty_or_zero
 
 
 def test_finetune_loads_weights_only(saved, flags):
     for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
-        got = rank["finetune"]
-        assert got["iteration"] == 0 and got["consumed_samples"] == 0
-        assert got["lr"] == rank["fresh"]["lr"]
-        assert got["adam_empty_or_zero"]
-        assert got["eval"] == rank_saved["eval_at_save"]  # the weights are the checkpoint's
-        assert got["next"]["iteration"] == 1 and got["next"]["consumed_samples"] == 8
+        got = rank.finetune
+        assert got.iteration == 0 and got.consumed_samples == 0
+        assert got.lr == rank.fresh.lr
+        assert got.adam_empty_or_zero
+        assert got.eval == rank_saved.eval_at_save  # the weights are the checkpoint's
+        assert got.next["iteration"] == 1 and got.next["consumed_samples"] == 8
 
 
 def test_no_load_scheduler_restarts_schedule(saved, flags):
     for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
-        got = rank["no_load_scheduler"]
-        assert got["iteration"] == N
-        assert got["lr"] == rank["fresh"]["lr"] != rank_saved["straight"][N - 1]["lr"]
-        assert not got["adam_empty_or_zero"]
+        got = rank.no_load_scheduler
+        assert got.iteration == N
+        assert got.lr == rank.fresh.lr != rank_saved.straight[N - 1]["lr"]
+        assert not got.adam_empty_or_zero
 
 
 def test_resumed_schedule_comes_from_the_checkpoint_for_every_branch(saved, flags):  # mode 7
     # a resume with another --train-iters keeps the saved schedule, on both branches' LRs
     for rank_saved, rank in zip(saved[TWO_RANKS], flags, strict=True):
-        assert rank["longer_run"]["lr"] == rank_saved["straight"][N - 1]["lr"]
-        assert rank["longer_run"]["next"]["lr"] == rank_saved["straight"][N]["lr"]
+        assert rank.longer_run.lr == rank_saved.straight[N - 1]["lr"]
+        assert rank.longer_run.next["lr"] == rank_saved.straight[N]["lr"]

@@ -7,7 +7,7 @@ tests/unit/test_energon_data.py.)"""
 import pytest
 
 from tests.harness import run_world
-from tests.workers.data_world import LEARN_ITERS, WORKERS, N
+from tests.workers.data_world import LEARN_ITERS, WORKERS, N, Place, ResumedRun, SavedRun
 
 pytest.importorskip("megatron.energon")
 pytestmark = pytest.mark.dist
@@ -40,54 +40,61 @@ def learning(digits):
     return run_world(WORKER, 2, {"mode": "learning", "data": digits}, timeout=300)
 
 
-def _agree(ranks: list[dict]) -> None:
+def _agree(ranks: list[tuple[Place, list[list[str]]]]) -> None:
     """Per micro-batch: the images ranks' sample keys in DP order equal the language ranks'
-    keys in DP order (the bridge's order); TP ranks of one DP rank read the same samples."""
+    keys in DP order (the bridge's order); TP ranks of one DP rank read the same samples.
+    ``ranks``: every rank's place and its keys per micro-batch of one iteration."""
     def branch_side(branch: str, m: int) -> list[str]:
         by_dp: dict[int, list[str]] = {}
-        for rank in ranks:
-            if rank["branch"] == branch:
-                assert by_dp.setdefault(rank["dp"], rank["keys"][m]) == rank["keys"][m]
+        for place, keys in ranks:
+            if place.branch == branch:
+                assert by_dp.setdefault(place.dp, keys[m]) == keys[m]
         return sum((by_dp[dp] for dp in sorted(by_dp)), [])
 
-    for m in range(len(ranks[0]["keys"])):
+    for m in range(len(ranks[0][1])):
         images, language = branch_side("images", m), branch_side("language", m)
         assert images == language and len(set(images)) == len(images), (m, images, language)
 
 
+def _with_workers(runs: list[SavedRun] | list[ResumedRun], workers: int):
+    """The run of ``runs`` (one rank's) that used ``workers`` loader worker processes."""
+    (run,) = [run for run in runs if run.workers == workers]
+    return run
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 def test_images_dp2_and_language_dp1_read_the_same_samples(saved, workers):
+    runs = [_with_workers(rank, workers) for rank in saved]
     for step in range(2 * N):
-        _agree([{**r[str(workers)], "keys": r[str(workers)]["straight"][step]["keys"]}
-                for r in saved])
+        _agree([(run.place, run.straight[step].keys) for run in runs])
 
 
 def test_images_dp1_and_language_dp3_read_the_same_samples(resumed):
     for step in range(N):
-        _agree([{**r["fan_out"], "keys": r["fan_out"]["steps"][step]["keys"]} for r in resumed])
+        _agree([(r.fan_out.place, r.fan_out.steps[step].keys) for r in resumed])
 
 
 @pytest.mark.parametrize("workers", WORKERS)
 def test_resume_on_real_data_is_bit_exact_with_the_loader_state(saved, resumed, workers):
     for rank_saved, rank_resumed in zip(saved, resumed, strict=True):
-        run = rank_saved[str(workers)]
-        assert run["until_save"] == run["straight"][:N]
-        got = rank_resumed[str(workers)]
-        assert got["iteration"] == N
+        run = _with_workers(rank_saved, workers)
+        assert run.until_save == run.straight[:N]
+        got = _with_workers(rank_resumed.runs, workers)
+        assert got.iteration == N
         # every exact record key and this rank's sample keys of every micro-batch
-        assert got["records"] == run["straight"][N:]
+        assert got.steps == run.straight[N:]
 
 
 def test_layout_change_cannot_resume_the_loader(resumed):
     for rank in resumed:
-        error = rank["other_layout"]
+        error = rank.other_layout_error
         assert error and error.startswith("DataError") and "layout changed" in error
 
 
 def test_the_image_carries_the_answer(learning):
     """A short run on digits vs the same run on all-zero images: held-out accuracy."""
-    real, blank = learning[0]["real"]["accuracy"], learning[0]["blank"]["accuracy"]
-    assert all(r["real"]["accuracy"] == real for r in learning)  # world-agreed
+    real, blank = learning[0].real.accuracy, learning[0].blank.accuracy
+    assert all(r.real.accuracy == real for r in learning)  # world-agreed
     print(f"held-out accuracy after {LEARN_ITERS} iterations: digits {real:.3f}, "
           f"blank images {blank:.3f}")
     assert blank < 0.25 and real > blank + 0.25, (real, blank)

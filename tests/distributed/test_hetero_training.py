@@ -15,7 +15,7 @@ def references():
 
 @pytest.fixture(scope="module")
 def reference(references):
-    return references["gpt"]
+    return references.gpt
 
 
 @pytest.fixture(scope="module")
@@ -33,54 +33,55 @@ def _rel(a, b):
 
 
 def test_two_rank_hetero_matches_single_rank_reference(hetero, reference):
-    assert [r["branch"] for r in hetero] == ["images", "language"]
+    assert [r.branch for r in hetero] == ["images", "language"]
     for rank in hetero:  # every rank holds the same world-agreed values
-        for step, (got, want) in enumerate(zip(rank["records"], reference, strict=True)):
-            assert _rel(got["loss"], want["loss"]) < 1e-6, (step, got["loss"], want["loss"])
-            assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (step, got, want)
-            assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        records = [s.record for s in rank.steps]
+        for step, (got, want) in enumerate(zip(records, reference, strict=True)):
+            assert _rel(got["loss"], want.loss) < 1e-6, (step, got["loss"], want.loss)
+            assert _rel(got["grad_norm"], want.grad_norm) < 1e-5, (step, got, want)
+            assert got["lr"] == pytest.approx(want.lr, rel=1e-12)
             assert not got["skipped"]
 
 
 @pytest.mark.parametrize("layout", ["images_tp1dp2_language_tp2dp1", "images_tp2dp1_language_tp1dp2"])
 def test_four_rank_layouts_train_and_match_reference(layouts, reference, layout):
     for rank in layouts:
-        records = rank[layout]["records"]
-        losses = [r["loss"] for r in records]
+        steps = rank.runs[layout].steps
+        losses = [s.record["loss"] for s in steps]
         assert losses[-1] < 0.95 * losses[0], losses
-        for got, want in zip(records, reference, strict=True):
-            assert _rel(got["loss"], want["loss"]) < 1e-5
+        for got, want in zip(steps, reference, strict=True):
+            assert _rel(got.record["loss"], want.loss) < 1e-5
         # warmup starts at LR 0 (Megatron's default), so only the first step leaves weights as-is
-        assert not records[0]["params_changed"]
-        assert all(r["params_changed"] for r in records[1:])
-    assert [rank[layout]["branch"] for rank in layouts] == ["images", "images", "language", "language"]
+        assert not steps[0].params_changed
+        assert all(s.params_changed for s in steps[1:])
+    assert [rank.runs[layout].branch for rank in layouts] == ["images", "images", "language", "language"]
 
 
 def test_found_inf_on_images_ranks_skips_everywhere(layouts):
     for rank in layouts:
-        first, injected, after = rank["found_inf"]["records"]
-        assert not first["skipped"] and not after["skipped"]
-        assert injected["skipped"], f"rank {rank['world_rank']} did not skip"
-        assert injected["grad_norm"] is None
-        assert not injected["params_changed"]  # no branch stepped
-        assert injected["lr"] == injected["lr_before"]  # no scheduler advanced
-        assert injected["sched_steps"] == first["sched_steps"] == 1
-        assert after["sched_steps"] == 2 and after["params_changed"]
+        first, injected, after = rank.found_inf.steps
+        assert not first.record["skipped"] and not after.record["skipped"]
+        assert injected.record["skipped"], f"rank {rank.world_rank} did not skip"
+        assert injected.record["grad_norm"] is None
+        assert not injected.params_changed  # no branch stepped
+        assert injected.record["lr"] == injected.lr_before  # no scheduler advanced
+        assert injected.sched_steps == first.sched_steps == 1
+        assert after.sched_steps == 2 and after.params_changed
 
 
 def test_parallel_state_never_initialised(layouts, hetero):
-    assert all(rank["parallel_state_untouched"] for rank in layouts)
+    assert all(rank.parallel_state_untouched for rank in layouts)
 
 
 @pytest.mark.parametrize("layout", ["images_tp1dp2_language_tp2dp1", "images_tp2dp1_language_tp1dp2"])
 def test_dry_run_parameter_count_matches_the_built_model(layouts, layout):
     from megatron_mimo.config.memory import branch_parameters
-    from tests.workers.training_world import LAYOUTS, test_config
+    from tests.workers.training_world import LAYOUTS, make_cfg
 
-    cfg = test_config(LAYOUTS[layout])
+    cfg = make_cfg(LAYOUTS[layout])
     for rank in layouts:
-        got = rank[layout]
-        assert got["local_parameters"] == branch_parameters(cfg, got["branch"]), (layout, got["branch"])
+        got = rank.runs[layout]
+        assert got.local_parameters == branch_parameters(cfg, got.branch), (layout, got.branch)
 
 
 @pytest.fixture(scope="module")
@@ -88,45 +89,46 @@ def pipeline():
     return run_world("tests.workers.training_world", 4, {"mode": "pipeline"}, timeout=400)
 
 
-@pytest.mark.parametrize("kind, run", [("gpt", "pipeline"), ("mamba_hybrid", "hybrid")])
-def test_language_pp2_matches_single_rank_reference(pipeline, references, kind, run):
+@pytest.mark.parametrize("kind", ["gpt", "mamba_hybrid"])
+def test_language_pp2_matches_single_rank_reference(pipeline, references, kind):
     """megatron-core's 1F1B schedule, language over 2 stages, 4 micro-batches (2 per stage)."""
-    assert [r[run]["branch"] for r in pipeline] == ["images", "images", "language", "language"]
+    assert [getattr(r, kind).branch for r in pipeline] == ["images", "images", "language", "language"]
     for rank in pipeline:
-        records = rank[run]["records"]
-        for step, (got, want) in enumerate(zip(records, references[kind], strict=True)):
-            assert _rel(got["loss"], want["loss"]) < 1e-6, (rank["world_rank"], step, got, want)
-            assert _rel(got["grad_norm"], want["grad_norm"]) < 1e-5, (step, got, want)
-            assert got["lr"] == pytest.approx(want["lr"], rel=1e-12)
+        steps = getattr(rank, kind).steps
+        records = [s.record for s in steps]
+        for step, (got, want) in enumerate(zip(records, getattr(references, kind), strict=True)):
+            assert _rel(got["loss"], want.loss) < 1e-6, (rank.world_rank, step, got, want)
+            assert _rel(got["grad_norm"], want.grad_norm) < 1e-5, (step, got, want)
+            assert got["lr"] == pytest.approx(want.lr, rel=1e-12)
             assert not got["skipped"]
-        assert all(r["params_changed"] for r in records[1:])  # every stage and the encoder learn
+        assert all(s.params_changed for s in steps[1:])  # every stage and the encoder learn
 
 
 def test_language_pp2_evaluates_like_one_stage(pipeline, layouts):
     """Held-out loss and answer accuracy after the same training: PP2 (last stage, a second
     logits pass) against the one-stage language TP2 layout; every rank holds the same values."""
-    one_stage = layouts[0]["images_tp1dp2_language_tp2dp1"]["eval"]
-    assert one_stage["accuracy"] > 0  # else a PP2 that counts nothing would pass
+    one_stage = layouts[0].runs["images_tp1dp2_language_tp2dp1"].eval
+    assert one_stage.accuracy > 0  # else a PP2 that counts nothing would pass
     for rank in pipeline:
-        got = rank["pipeline"]["eval"]
-        assert _rel(got["loss"], one_stage["loss"]) < 1e-5, (got, one_stage)
-        assert got["accuracy"] == one_stage["accuracy"], (got, one_stage)
+        got = rank.gpt.eval
+        assert _rel(got.loss, one_stage.loss) < 1e-5, (got, one_stage)
+        assert got.accuracy == one_stage.accuracy, (got, one_stage)
 
 
 def test_found_inf_on_last_language_stage_only_skips_everywhere(pipeline):
     for rank in pipeline:
-        first, injected, after = rank["found_inf"]["records"]
-        assert injected["skipped"], f"rank {rank['world_rank']} did not skip"
-        assert not injected["params_changed"] and injected["lr"] == injected["lr_before"]
-        assert not first["skipped"] and not after["skipped"] and after["params_changed"]
+        first, injected, after = rank.found_inf.steps
+        assert injected.record["skipped"], f"rank {rank.world_rank} did not skip"
+        assert not injected.params_changed and injected.record["lr"] == injected.lr_before
+        assert not first.record["skipped"] and not after.record["skipped"] and after.params_changed
 
 
-@pytest.mark.parametrize("run", ["pipeline", "hybrid"])
-def test_dry_run_parameter_count_matches_each_pipeline_stage(pipeline, run):
+@pytest.mark.parametrize("kind", ["gpt", "mamba_hybrid"])
+def test_dry_run_parameter_count_matches_each_pipeline_stage(pipeline, kind):
     from megatron_mimo.config.memory import branch_parameters
-    from tests.workers.training_world import HYBRID, PIPELINE, test_config
+    from tests.workers.training_world import HYBRID, PIPELINE, make_cfg
 
-    cfg = test_config({**PIPELINE, **(HYBRID if run == "hybrid" else {})})
+    cfg = make_cfg({**PIPELINE, **(HYBRID if kind == "mamba_hybrid" else {})})
     for rank in pipeline:
-        got = rank[run]
-        assert got["local_parameters"] == branch_parameters(cfg, got["branch"], got["stage"]), got["stage"]
+        got = getattr(rank, kind)
+        assert got.local_parameters == branch_parameters(cfg, got.branch, got.stage), got.stage

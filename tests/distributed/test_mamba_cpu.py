@@ -13,18 +13,18 @@ def result():
 
 
 def test_forward_matches_sequential_scan(result):
-    assert result["scale"] > 1e-3
-    assert result["max_abs_diff"] < 1e-5
+    assert result.scale > 1e-3
+    assert result.max_abs_diff < 1e-5
 
 
 def test_gradients_reach_every_parameter(result):
-    assert result["grads"] and all(result["grads"].values()), result["grads"]
+    assert result.grads and all(result.grads.values()), result.grads
 
 
 def test_parameter_names_and_shapes_are_megatron_cores(result):
-    heads, d_inner = result["nheads"], result["d_inner"]  # 2*32/8 = 8 heads, d_inner 64
+    heads, d_inner = result.nheads, result.d_inner  # 2*32/8 = 8 heads, d_inner 64
     conv_dim = d_inner + 2 * 2 * 6
-    assert result["shapes"] == {
+    assert result.shapes == {
         "in_proj.weight": [2 * d_inner + 2 * 2 * 6 + heads, 32],
         "conv1d_weight": [conv_dim, 1, 4], "conv1d_bias": [conv_dim],
         "dt_bias": [heads], "A_log": [heads], "D": [heads],
@@ -33,7 +33,7 @@ def test_parameter_names_and_shapes_are_megatron_cores(result):
 
 
 def test_layer_checkpoints_under_transformer_engine_names(result):
-    keys = set(result["layer_keys"])
+    keys = set(result.layer_keys)
     assert "layer.mixer.in_proj.layer_norm_weight" in keys  # TE fuses the norm into in_proj
     assert "layer.norm.weight" not in keys
     assert {"layer.mixer.conv1d.weight", "layer.mixer.conv1d.bias", "layer.mixer.A_log",

@@ -1,21 +1,23 @@
 """Checkpoint worlds: straight vs saved-and-resumed runs and the load flags, plus the ``Run``
 probes they share with :mod:`tests.workers.ckpt_failure_world`.
 
-Modes (args["mode"]):
+Modes (args["mode"]), each returning its dataclass below (the iteration records inside stay the
+production record, ``Trainer.step()``, cut to :data:`EXACT_KEYS` by :func:`exact`):
   "straight_and_saved"  2N iterations straight; then N iterations, save, stop (same processes)
   "resumed"             fresh processes: load that checkpoint, check it, train N more
   "flags"               load one checkpoint several times with --no-load-* / --finetune
-Every record is the production iteration record (``Trainer.step()``). ``{"runs": [...]}``
-runs several modes in turn in the same processes.
+``{"runs": [...]}`` runs several modes in turn in the same processes.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -45,6 +47,110 @@ UNEVEN = "images_tp1dp3_language_tp1dp1"
 EXACT_KEYS = ("iteration", "consumed_samples", "loss", "grad_norm", "lr", "num_tokens", "skipped",
               "skipped_iterations", "consumed_tokens", "floating_point_operations", "loss_scale")
 """Keys of the production iteration record that a resume must reproduce bit for bit."""
+
+
+@dataclass
+class Position:
+    """Where a run continues from: one draw of every RNG stream and the next sample indices."""
+
+    rng: list[float]
+    indices: list[int]
+
+
+@dataclass
+class Saved:
+    """Mode "straight_and_saved" on one rank."""
+
+    branch: str
+    straight: list[dict]
+    """exact() of the 2N iterations of the run that never stops."""
+    until_save: list[dict]
+    """exact() of the N iterations of the run that saves at N and stops."""
+    position_at_save: Position
+    """Of the straight run after iteration N."""
+    eval_at_save: float
+    scaler_at_save: list[dict[str, float]]
+    helper_processes_after_save: list[str]
+    finished_by_wait: list[int]
+    """Iterations whose async save was finished by a wait (read before close() waits)."""
+
+
+@dataclass
+class Probe:
+    """A load of another checkpoint: its iteration and held-out loss, or the error (ok False)."""
+
+    ok: bool
+    iteration: int | None
+    eval: float | None
+    error: str | None
+
+
+@dataclass
+class Resumed:
+    """Mode "resumed" on one rank: probes first, then its own checkpoint loaded, N more steps."""
+
+    branch: str
+    probes: dict[str, Probe]
+    """Other cases' checkpoints (tests/resume_worlds.py FOREIGN) by probe name."""
+    finetune: Probe | None
+    """Another precision's checkpoint loaded with --finetune."""
+    no_load_optim: list[dict] | None
+    """exact() of two iterations after a load with --no-load-optim."""
+    iteration: int
+    consumed_samples: int
+    position: Position
+    eval_after_load: float
+    adam_equals_saved: bool
+    main_params_equal: bool
+    main_param_dtypes: list[str]
+    model_dtypes: list[str]
+    scaler_after_load: list[dict[str, float]]
+    adam_steps_after_load: list[float]
+    adam_steps_after_one_more: list[float]
+    optimizer_meta: dict[str, Any]
+    records: list[dict]
+    """exact() of the N iterations after the load."""
+
+
+@dataclass
+class Fresh:
+    """A new run without a checkpoint: what --seed and the flags give."""
+
+    rng: list[float]
+    lr: dict[str, float]
+
+
+@dataclass
+class FlagLoad:
+    """The fp32 two-rank checkpoint loaded with one flag, and exact() of the next iteration."""
+
+    iteration: int
+    consumed_samples: int
+    lr: dict[str, float]
+    rng: list[float]
+    adam_empty_or_zero: bool
+    eval: float
+    next: dict
+
+
+@dataclass
+class LongerRun:
+    """The checkpoint resumed with a larger --train-iters."""
+
+    lr: dict[str, float]
+    next: dict
+
+
+@dataclass
+class Flags:
+    """Mode "flags" on one rank: one load per --no-load-* flag and --finetune."""
+
+    fresh: Fresh
+    no_load_optim: FlagLoad
+    no_load_rng: FlagLoad
+    finetune: FlagLoad
+    no_load_scheduler: FlagLoad
+    longer_run: LongerRun
 
 
 def make_cfg(layout: str, overrides: dict[str, Any] | None = None) -> MimoConfig:
@@ -172,16 +278,15 @@ def _same_adam(a: list[dict], b: list[dict]) -> bool:
         x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
 
 
-def mode_straight_and_saved(args: dict) -> dict:
-    layout, root = args["layout"], args["root"]
-    extra = args.get("overrides", {})
+def mode_straight_and_saved(args: dict) -> Saved:
+    layout, root, extra = args["layout"], args["root"], args.get("overrides", {})
     overflow_at = args.get("inject_overflow_at")
     run_a = Run(make_cfg(layout, extra))
-    a_records, snapshot = [], {}
+    a_records, position = [], None
     for it in range(2 * N):
         a_records.append(exact(run_a.step(inject_overflow=it + 1 == overflow_at)))
         if it + 1 == N:
-            snapshot = {"rng": run_a.rng_draws(), "indices": run_a.next_indices()}
+            position = Position(run_a.rng_draws(), run_a.next_indices())
     run_a.close()
     # the production loop stops at --exit-interval right after requesting the save at N
     run_b = Run(make_cfg(layout, {"checkpoint.save": root, "checkpoint.save_interval": N,
@@ -192,95 +297,89 @@ def mode_straight_and_saved(args: dict) -> dict:
     else:
         b_records = [exact(record) for record in run_b.trainer.run()]
     torch.save(run_b.main_params(), Path(root) / f"main_rank{dist.get_rank()}.pt")
-    import psutil
-
     helpers = [p.name() for p in psutil.Process().children(recursive=True)]
-    adam = run_b.adam_state()
-    torch.save(adam, Path(root) / f"adam_rank{dist.get_rank()}.pt")
-    out = {"straight": a_records, "until_save": b_records, "snapshot": snapshot, "eval_at_save": run_b.eval_loss(),
-           "save_seconds": run_b.manager.last_save_seconds, "branch": run_b.job.branch,
-           "helper_processes_after_save": helpers, "scaler_at_save": run_b.scaler_state(),
-           "finished_by_wait": list(run_b.manager.finished_by_wait)}  # before close() waits
+    torch.save(run_b.adam_state(), Path(root) / f"adam_rank{dist.get_rank()}.pt")
+    out = Saved(branch=run_b.job.branch, straight=a_records, until_save=b_records,
+                position_at_save=position, eval_at_save=run_b.eval_loss(),
+                scaler_at_save=run_b.scaler_state(), helper_processes_after_save=helpers,
+                finished_by_wait=list(run_b.manager.finished_by_wait))  # before close() waits
     run_b.close()
     return out
 
 
-def _probe_foreign(layout: str, extra: dict, foreign: dict[str, str]) -> dict:
-    out: dict[str, Any] = {}
-    for name, foreign_root in foreign.items():  # checkpoints saved under another layout
-        probe = Run(make_cfg(layout, {"checkpoint.load": foreign_root, **extra}))
-        try:
-            probe.load()
-            out[name] = {"ok": True, "iteration": probe.state.iteration,
-                         "eval": probe.eval_loss()}
-        except Exception as error:  # noqa: BLE001 - the message is what the test checks
-            out[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-        probe.close()
-    return out
-
-
-def mode_resumed(args: dict) -> dict:
-    layout, root = args["layout"], args["root"]
-    extra = args.get("overrides", {})
-    foreign = dict(args.get("foreign_roots") or {})
-    out = _probe_foreign(layout, extra, foreign)
-    if args.get("finetune_root"):  # weights of a checkpoint in another precision
-        probe = Run(make_cfg(layout, {"checkpoint.load": args["finetune_root"],
-                                      "checkpoint.finetune": True, **extra}))
+def _probe(cfg: MimoConfig) -> Probe:
+    """Load ``cfg``'s checkpoint; a refusal is the probe's result (its message is checked)."""
+    probe = Run(cfg)
+    try:
         probe.load()
-        out["finetune"] = {"iteration": probe.state.iteration, "eval": probe.eval_loss()}
-        probe.close()
+        result = Probe(ok=True, iteration=probe.state.iteration, eval=probe.eval_loss(), error=None)
+    except Exception as error:  # noqa: BLE001 - the message is what the test checks
+        result = Probe(ok=False, iteration=None, eval=None, error=f"{type(error).__name__}: {error}")
+    probe.close()
+    return result
+
+
+def mode_resumed(args: dict) -> Resumed:
+    layout, root, extra = args["layout"], args["root"], args.get("overrides", {})
+    probes = {name: _probe(make_cfg(layout, {"checkpoint.load": foreign_root, **extra}))
+              for name, foreign_root in (args.get("foreign_roots") or {}).items()}
+    finetune = no_load_optim = None
+    if args.get("finetune_root"):  # weights of a checkpoint in another precision
+        finetune = _probe(make_cfg(layout, {"checkpoint.load": args["finetune_root"],
+                                            "checkpoint.finetune": True, **extra}))
+        assert finetune.ok, finetune.error
     if args.get("no_load_optim_probe"):  # weights only: main params must follow the weights
         probe = Run(make_cfg(layout, {"checkpoint.load": root, "checkpoint.no_load_optim": True,
                                       **extra}))
         probe.load()
-        out["no_load_optim"] = [exact(probe.step()) for _ in range(2)]
+        no_load_optim = [exact(probe.step()) for _ in range(2)]
         probe.close()
     run = Run(make_cfg(layout, {"checkpoint.load": root, **extra}))
     run.load()
     saved_adam = torch.load(Path(root) / f"adam_rank{dist.get_rank()}.pt")
     saved_main = torch.load(Path(root) / f"main_rank{dist.get_rank()}.pt")
-    out["main_params_equal"] = len(saved_main) > 0 and all(
-        torch.equal(a, b) for a, b in zip(saved_main, run.main_params(), strict=True))
-    out["main_param_dtypes"] = sorted({str(p.dtype) for p in saved_main})
-    out["model_dtypes"] = sorted({str(p.dtype) for p in run.job.branch_ddp.parameters()})
-    out["scaler_after_load"] = run.scaler_state()
-    out.update({
-        "iteration": run.state.iteration, "consumed_samples": run.state.consumed_samples,
-        "rng": run.rng_draws(), "indices": run.next_indices(), "eval_after_load": run.eval_loss(),
-        "adam_equal": _same_adam(run.adam_state(), saved_adam), "steps_after_load": run.adam_steps(),
-        "optimizer_meta": run.manager.loaded_optimizer_meta, "branch": run.job.branch,
-        "load_seconds": run.manager.last_load_seconds,
-    })
+    loaded = dict(
+        branch=run.job.branch, main_params_equal=len(saved_main) > 0 and all(
+            torch.equal(a, b) for a, b in zip(saved_main, run.main_params(), strict=True)),
+        main_param_dtypes=sorted({str(p.dtype) for p in saved_main}),
+        model_dtypes=sorted({str(p.dtype) for p in run.job.branch_ddp.parameters()}),
+        scaler_after_load=run.scaler_state(), iteration=run.state.iteration,
+        consumed_samples=run.state.consumed_samples,
+        position=Position(run.rng_draws(), run.next_indices()), eval_after_load=run.eval_loss(),
+        adam_equals_saved=_same_adam(run.adam_state(), saved_adam),
+        adam_steps_after_load=run.adam_steps(),
+        optimizer_meta=run.manager.loaded_optimizer_meta)
     records = [exact(run.step())]
-    out["steps_after_one_more"] = run.adam_steps()
+    adam_steps_after_one_more = run.adam_steps()
     records += [exact(run.step()) for _ in range(N - 1)]
-    out["records"] = records
     run.close()
-    return out
+    return Resumed(probes=probes, finetune=finetune, no_load_optim=no_load_optim,
+                   adam_steps_after_one_more=adam_steps_after_one_more, records=records, **loaded)
 
 
-def mode_flags(args: dict) -> dict:
-    root, out = args["root"], {}
+def _flag_load(flag: str, root: str) -> FlagLoad:
+    run = Run(make_cfg(TWO_RANKS, {"checkpoint.load": root, f"checkpoint.{flag}": True}))
+    run.load()
+    loaded = dict(adam_empty_or_zero=all(not s or (s["exp_avg"].abs().sum() == 0)
+                                         for s in run.adam_state()),
+                  iteration=run.state.iteration, consumed_samples=run.state.consumed_samples,
+                  lr=run.job.schedulers.lrs(), rng=run.rng_draws(), eval=run.eval_loss())
+    result = FlagLoad(**loaded, next=exact(run.step()))
+    run.close()
+    return result
+
+
+def mode_flags(args: dict) -> Flags:
     fresh = Run(make_cfg(TWO_RANKS))
-    out["fresh"] = {"rng": fresh.rng_draws(), "lr": fresh.job.schedulers.lrs()}
+    fresh_result = Fresh(rng=fresh.rng_draws(), lr=fresh.job.schedulers.lrs())
     fresh.close()
-    for flag in ("no_load_optim", "no_load_rng", "finetune", "no_load_scheduler"):
-        run = Run(make_cfg(TWO_RANKS, {"checkpoint.load": root, f"checkpoint.{flag}": True}))
-        run.load()
-        adam = run.adam_state()
-        out[flag] = {"iteration": run.state.iteration,
-                     "consumed_samples": run.state.consumed_samples,
-                     "lr": run.job.schedulers.lrs(), "rng": run.rng_draws(),
-                     "adam_empty_or_zero": all(not s or (s["exp_avg"].abs().sum() == 0) for s in adam),
-                     "eval": run.eval_loss()}
-        out[flag]["next"] = exact(run.step())
-        run.close()
-    longer = Run(make_cfg(TWO_RANKS, {"checkpoint.load": root, "training.train_iters": 4 * N}))
+    loads = {flag: _flag_load(flag, args["root"])
+             for flag in ("no_load_optim", "no_load_rng", "finetune", "no_load_scheduler")}
+    longer = Run(make_cfg(TWO_RANKS, {"checkpoint.load": args["root"], "training.train_iters": 4 * N}))
     longer.load()
-    out["longer_run"] = {"lr": longer.job.schedulers.lrs(), "next": exact(longer.step())}
+    longer_run = LongerRun(lr=longer.job.schedulers.lrs(), next=exact(longer.step()))
     longer.close()
-    return out
+    return Flags(fresh=fresh_result, longer_run=longer_run, **loads)
 
 
 MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed,

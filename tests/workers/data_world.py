@@ -8,10 +8,13 @@ Modes (args["mode"]):
              images DP1 -> language DP3: that checkpoint's loader state refused (another
              layout), and sample agreement
   "learning" 2 ranks: held-out accuracy after a short run on digits vs on blank images
+Each mode returns its dataclass below; the iteration records inside stay the production record
+(cut to the exact keys by :func:`tests.workers.ckpt_world.exact`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from megatron_mimo.config import MimoConfig
@@ -29,6 +32,77 @@ TWO_RANKS = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_paral
 LEARN_ITERS = 200
 
 
+@dataclass
+class Place:
+    """This rank's branch and its DP / TP rank in it."""
+
+    branch: str
+    dp: int
+    tp: int
+
+
+@dataclass
+class Step:
+    """One iteration: exact() of its record and this rank's sample keys per micro-batch."""
+
+    record: dict
+    keys: list[list[str]]
+
+
+@dataclass
+class SavedRun:
+    """Mode "saved", one --num-workers: the straight run and the run until its save."""
+
+    workers: int
+    place: Place
+    straight: list[Step]
+    until_save: list[Step]
+
+
+@dataclass
+class ResumedRun:
+    """Mode "resumed", one --num-workers: the checkpoint's iteration and N more steps."""
+
+    workers: int
+    iteration: int
+    steps: list[Step]
+
+
+@dataclass
+class FanOut:
+    """Images DP1 -> language DP3, trained from scratch."""
+
+    place: Place
+    steps: list[Step]
+
+
+@dataclass
+class Resumed:
+    """Mode "resumed" on one rank."""
+
+    runs: list[ResumedRun]
+    other_layout_error: str | None
+    """The load of a loader state saved under another layout (None: it loaded)."""
+    fan_out: FanOut
+
+
+@dataclass
+class Learned:
+    """One short run: its last training loss and the held-out loss and answer accuracy."""
+
+    train_loss: float
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class Learning:
+    """Mode "learning" on one rank: the same run on digits and on all-zero images."""
+
+    real: Learned
+    blank: Learned
+
+
 def make_cfg(data: str, overrides: dict[str, Any]) -> MimoConfig:
     base = {"data.data_path": data, "images.hidden_dropout": 0.1,
             "language.hidden_dropout": 0.1, "scheduler.lr_warmup_iters": N + 1,
@@ -37,34 +111,35 @@ def make_cfg(data: str, overrides: dict[str, Any]) -> MimoConfig:
     return apply_overrides(tiny_cpu(), {**base, **overrides})
 
 
-def place(trainer) -> dict[str, Any]:
-    """This rank's branch and its DP / TP rank in it."""
+def place(trainer) -> Place:
     topology = trainer.job.topology
-    return {"branch": trainer.branch, "dp": topology.dp_rank(), "tp": topology.tp_rank()}
+    return Place(branch=trainer.branch, dp=topology.dp_rank(), tp=topology.tp_rank())
 
 
-def steps(trainer, count: int) -> list[dict]:
-    """``count`` iterations: the exact record and this rank's sample keys per micro-batch."""
+def steps(trainer, count: int) -> list[Step]:
+    """``count`` iterations."""
     out = []
     for _ in range(count):
         record = exact(trainer.step())
-        out.append({"record": record, "keys": trainer.job.data.last_keys})
+        out.append(Step(record=record, keys=trainer.job.data.last_keys))
     return out
 
 
-def mode_saved(args: dict) -> dict:
+def mode_saved(args: dict) -> list[SavedRun]:
+    """One :class:`SavedRun` per entry of :data:`WORKERS`, in that order."""
     from megatron_mimo.training.trainer import Trainer
 
-    out = {}
+    out = []
     for workers in WORKERS:
         with Trainer(make_cfg(args["data"], {"data.num_workers": workers})) as straight:
-            run = {**place(straight), "straight": steps(straight, 2 * N)}
+            where, straight_steps = place(straight), steps(straight, 2 * N)
         root = f"{args['root']}/w{workers}"
         with Trainer(make_cfg(args["data"], {"data.num_workers": workers,
                                              "checkpoint.save": root})) as saved:
-            run["until_save"] = steps(saved, N)
+            until_save = steps(saved, N)
             saved.save()
-        out[workers] = run
+        out.append(SavedRun(workers=workers, place=where, straight=straight_steps,
+                            until_save=until_save))
     return out
 
 
@@ -76,25 +151,26 @@ def _error_of(action) -> str | None:
     return None
 
 
-def mode_resumed(args: dict) -> dict:
+def mode_resumed(args: dict) -> Resumed:
     from megatron_mimo.training.trainer import Trainer
 
-    out: dict[str, Any] = {}
+    runs = []
     for workers in WORKERS:
         with Trainer(make_cfg(args["data"], {"data.num_workers": workers,
                                              "checkpoint.load": f"{args['root']}/w{workers}"})) as run:
             run.load()
-            out[workers] = {"iteration": run.state.iteration, "records": steps(run, N)}
+            runs.append(ResumedRun(workers=workers, iteration=run.state.iteration,
+                                   steps=steps(run, N)))
     other_layout = {**FAN_OUT, "checkpoint.load": f"{args['root']}/w0",
                     "checkpoint.no_load_optim": True}
     with Trainer(make_cfg(args["data"], other_layout)) as probe:
-        out["other_layout"] = _error_of(probe.load)
+        other_layout_error = _error_of(probe.load)
     with Trainer(make_cfg(args["data"], FAN_OUT)) as fan_out:
-        out["fan_out"] = {**place(fan_out), "steps": steps(fan_out, N)}
-    return out
+        fanned = FanOut(place=place(fan_out), steps=steps(fan_out, N))
+    return Resumed(runs=runs, other_layout_error=other_layout_error, fan_out=fanned)
 
 
-def mode_learning(args: dict) -> dict:
+def mode_learning(args: dict) -> Learning:
     from megatron_mimo.training.trainer import Trainer
 
     learn = {**TWO_RANKS, "training.train_iters": LEARN_ITERS, "training.eval_iters": 18,
@@ -107,9 +183,9 @@ def mode_learning(args: dict) -> dict:
         with Trainer(make_cfg(args["data"], {**learn, "data.blank_images": blank})) as trainer:
             losses = [trainer.step()["loss"] for _ in range(trainer.cfg.training.train_iters)]
             result = trainer.evaluate()
-            out[name] = {"train_loss": losses[-1], "loss": result.loss,
-                         "accuracy": result.accuracy}
-    return out
+            out[name] = Learned(train_loss=losses[-1], loss=result.loss,
+                                accuracy=result.accuracy)
+    return Learning(**out)
 
 
 MODES = {"saved": mode_saved, "resumed": mode_resumed, "learning": mode_learning}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,23 @@ from megatron_mimo.training.seeding import seed_rank
 from tests.workers.common import worker_main
 
 HIDDEN, HEAD_DIM, STATE, GROUPS = 32, 8, 6, 2
+
+
+@dataclass
+class MixerCheck:
+    """The mixer against the reference, its gradients, parameter layout and checkpoint keys."""
+
+    max_abs_diff: float
+    """Largest |CpuMambaMixer - sequential scan| over the output."""
+    scale: float
+    """Largest |reference output|."""
+    grads: dict[str, bool]
+    """Per parameter: it received a non-zero gradient."""
+    shapes: dict[str, list[int]]
+    layer_keys: list[str]
+    """Checkpoint keys of one Mamba layer of the local hybrid spec."""
+    nheads: int
+    d_inner: int
 
 
 def reference(mixer: CpuMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
@@ -59,7 +77,7 @@ def reference(mixer: CpuMambaMixer, hidden: torch.Tensor) -> torch.Tensor:
     return mixer.out_proj(y.float().transpose(0, 1).contiguous())[0]
 
 
-def body(args: dict[str, Any]) -> dict[str, Any]:
+def body(args: dict[str, Any]) -> MixerCheck:
     topo = build_topology([branch_spec("solo")])
     pgs = topo.pgs()
     config = build_transformer_config(
@@ -84,9 +102,9 @@ def body(args: dict[str, Any]) -> dict[str, Any]:
     keys = sorted({v.key for v in nested_values(layer.sharded_state_dict(
         prefix="layer.", metadata={"dp_cp_group": pgs.dp_cp})) if isinstance(v, ShardedBase)})
     topo.destroy()
-    return {"max_abs_diff": (out - ref).abs().max().item(), "scale": ref.abs().max().item(),
-            "grads": grads, "shapes": shapes, "layer_keys": keys,
-            "nheads": mixer.nheads, "d_inner": mixer.d_inner}
+    return MixerCheck(max_abs_diff=(out - ref).abs().max().item(), scale=ref.abs().max().item(),
+                      grads=grads, shapes=shapes, layer_keys=keys, nheads=mixer.nheads,
+                      d_inner=mixer.d_inner)
 
 
 if __name__ == "__main__":

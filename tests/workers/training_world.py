@@ -7,10 +7,13 @@ mode "layouts": the real job on 4 ranks, two layouts in turn, then a found-inf i
     images ranks only.
 mode "pipeline": the real job on 4 ranks with the language branch over 2 pipeline stages
     (megatron-core's 1F1B schedule, 4 micro-batches), then a found-inf on the last stage only.
+Each mode returns its dataclass below; the production iteration record (``Trainer.step()``)
+stays a dict inside :class:`Step`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +38,79 @@ HYBRID = {"language.kind": "mamba_hybrid", "language.num_layers": 4}
 """The Mamba hybrid 'M*M-': stage 0 runs 'M*', stage 1 'M-'."""
 
 
-def test_config(overrides: dict[str, Any]) -> MimoConfig:
+@dataclass
+class Step:
+    """One iteration: the production record and what the test observed around the step."""
+
+    record: dict
+    params_changed: bool
+    """Some parameter of this rank's branch changed in the step."""
+    lr_before: dict[str, float]
+    sched_steps: int
+    """The schedulers' step count after the step."""
+
+
+@dataclass
+class Eval:
+    """Held-out loss and answer accuracy after the run."""
+
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class JobRun:
+    """The real job trained for some iterations on one rank."""
+
+    branch: str
+    stage: int
+    """This rank's pipeline stage in its branch."""
+    local_parameters: int
+    steps: list[Step]
+    eval: Eval
+
+
+@dataclass
+class ReferenceStep:
+    """One iteration of the single-rank reference."""
+
+    loss: float
+    grad_norm: float
+    lr: dict[str, float]
+
+
+@dataclass
+class References:
+    """Mode "reference": the single-rank truth per language model kind."""
+
+    gpt: list[ReferenceStep]
+    mamba_hybrid: list[ReferenceStep]
+
+
+@dataclass
+class Layouts:
+    """Mode "layouts" on one rank."""
+
+    world_rank: int
+    runs: dict[str, JobRun]
+    """By layout name (:data:`LAYOUTS`)."""
+    found_inf: JobRun
+    """Three iterations, a found-inf on the images ranks only at the second."""
+    parallel_state_untouched: bool
+
+
+@dataclass
+class Pipeline:
+    """Mode "pipeline" on one rank: language TP1xDP1xPP2 (:data:`PIPELINE`)."""
+
+    world_rank: int
+    gpt: JobRun
+    mamba_hybrid: JobRun
+    found_inf: JobRun
+    """GPT, three iterations, a found-inf on the last language stage only at the second."""
+
+
+def make_cfg(overrides: dict[str, Any]) -> MimoConfig:
     base = {"optimizer.weight_decay": 0.0, "scheduler.lr_warmup_iters": 2,
             "training.train_iters": ITERS, "training.global_batch_size": 8,
             "training.micro_batch_size": 2}
@@ -43,12 +118,12 @@ def test_config(overrides: dict[str, Any]) -> MimoConfig:
 
 
 def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = None,
-            inject_branch: str = IMAGES) -> dict:
-    """Train ``iterations`` steps with the Trainer; each record is the production record plus
-    what the test observes around the step (parameters changed, LR before, scheduler steps)."""
+            inject_branch: str = IMAGES) -> JobRun:
+    """Train ``iterations`` steps with the Trainer, optionally a found-inf on ``inject_branch``
+    (its last stage) at iteration ``inject_found_inf_at``."""
     from megatron_mimo.training.trainer import Trainer
 
-    records = []
+    steps = []
     with Trainer(cfg) as trainer:
         injected_opt = trainer.job.optimizer.module_infos[inject_branch].optimizer
         if inject_branch == LANGUAGE and not trainer.job.is_last_stage():
@@ -62,18 +137,16 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
             record = trainer.step()
             if inject_found_inf_at == it and injected_opt is not None:
                 del injected_opt.prepare_grads
-            record["params_changed"] = any(
-                not torch.equal(b, p) for b, p in zip(before, ddp.parameters(), strict=True))
-            record.update(lr_before=lr_before, sched_steps=trainer.job.schedulers.num_steps)
-            records.append(record)
+            changed = any(not torch.equal(b, p) for b, p in zip(before, ddp.parameters(), strict=True))
+            steps.append(Step(record=record, params_changed=changed, lr_before=lr_before,
+                              sched_steps=trainer.job.schedulers.num_steps))
         held_out = trainer.evaluate()
-        return {"branch": trainer.branch, "records": records,
-                "eval": {"loss": held_out.loss, "accuracy": held_out.accuracy},
-                "stage": trainer.job.topology.pgs().pp.rank(),
-                "local_parameters": sum(p.numel() for p in ddp.parameters())}
+        return JobRun(branch=trainer.branch, stage=trainer.job.topology.pgs().pp.rank(),
+                      local_parameters=sum(p.numel() for p in ddp.parameters()), steps=steps,
+                      eval=Eval(loss=held_out.loss, accuracy=held_out.accuracy))
 
 
-def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
+def reference(cfg: MimoConfig, iterations: int) -> list[ReferenceStep]:
     """Both branches on one rank, full batch, torch AdamW, megatron's LR scheduler."""
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
     from megatron.core.transformer.spec_utils import build_module
@@ -130,8 +203,8 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
         for name in optimizers:
             optimizers[name].step()
             schedulers[name].step(increment=1)
-        records.append({"loss": loss.item(), "grad_norm": norm,
-                        "lr": {n: s.get_lr(s.optimizer.param_groups[0]) for n, s in schedulers.items()}})
+        records.append(ReferenceStep(loss=loss.item(), grad_norm=norm, lr={
+            n: s.get_lr(s.optimizer.param_groups[0]) for n, s in schedulers.items()}))
     topo.destroy()
     return records
 
@@ -139,24 +212,22 @@ def reference(cfg: MimoConfig, iterations: int) -> list[dict]:
 def body(args: dict[str, Any]) -> Any:
     mode = args["mode"]
     if mode == "reference":
-        return {"gpt": reference(test_config({}), ITERS),
-                "mamba_hybrid": reference(test_config(HYBRID), ITERS)}
+        return References(gpt=reference(make_cfg({}), ITERS),
+                          mamba_hybrid=reference(make_cfg(HYBRID), ITERS))
     if mode == "hetero":
-        cfg = test_config({"images_parallel.dp": 1, "language_parallel.offset": 1,
-                           "language_parallel.tp": 1})
+        cfg = make_cfg({"images_parallel.dp": 1, "language_parallel.offset": 1,
+                        "language_parallel.tp": 1})
         return run_job(cfg, ITERS)
     if mode == "pipeline":
-        out = {"pipeline": run_job(test_config(PIPELINE), ITERS),
-               "hybrid": run_job(test_config({**PIPELINE, **HYBRID}), ITERS),
-               "found_inf": run_job(test_config(PIPELINE), 3, inject_found_inf_at=2,
-                                    inject_branch=LANGUAGE)}
-        out["world_rank"] = dist.get_rank()
-        return out
-    out = {name: run_job(test_config(over), ITERS) for name, over in LAYOUTS.items()}
-    out["found_inf"] = run_job(test_config({}), 3, inject_found_inf_at=2)
-    out["parallel_state_untouched"] = model_parallel_state_is_untouched()
-    out["world_rank"] = dist.get_rank()
-    return out
+        return Pipeline(world_rank=dist.get_rank(),
+                        gpt=run_job(make_cfg(PIPELINE), ITERS),
+                        mamba_hybrid=run_job(make_cfg({**PIPELINE, **HYBRID}), ITERS),
+                        found_inf=run_job(make_cfg(PIPELINE), 3, inject_found_inf_at=2,
+                                          inject_branch=LANGUAGE))
+    runs = {name: run_job(make_cfg(over), ITERS) for name, over in LAYOUTS.items()}
+    return Layouts(world_rank=dist.get_rank(), runs=runs,
+                   found_inf=run_job(make_cfg({}), 3, inject_found_inf_at=2),
+                   parallel_state_untouched=model_parallel_state_is_untouched())
 
 
 if __name__ == "__main__":
