@@ -10,7 +10,7 @@ DATA      ?= data/digits
 ARGS      ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-fast lint clean
+.PHONY: install train test test-fast lint clean gpu-check
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q -m "not dist and not slow" $(PYTEST_ARGS)
+
+# One line per check; on a machine without a GPU every check prints SKIP and the exit code is 0.
+# Runs in the existing venv (offline GPU machines: README, "Checking a GPU machine").
+gpu-check: $(STAMP)
+	@TORCHDYNAMO_DISABLE=1 $(PY) -m megatron_mimo.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megatron_mimo tests examples bench
