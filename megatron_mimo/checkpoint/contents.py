@@ -217,7 +217,7 @@ def apply_loaded(pieces: Pieces, loaded: dict[str, Any], contents: Contents, bra
     """Install a loaded state dict into the pieces (RNG last: after every seeding step)."""
     pieces.model.load_state_dict(loaded["model"], strict=True)
     if contents.optimizer:
-        with torch.no_grad():  # distrib_optimizer.py:1225 copies into views of leaf params
+        with torch.no_grad():  # the load copies into views of leaf params
             pieces.optimizer.load_state_dict(loaded["optimizer"])
         for optimizer in inner_optimizers(pieces.optimizer):
             rebuild_adam_steps(optimizer)

@@ -19,8 +19,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron_mimo.config.layout import GRID_DIMS, BranchSpec, branch_of, check_layout
 
 EXPERT_VIEW = "expert"
-"""View name megatron-core's ``get_mimo_optimizer`` reads expert groups from
-(``models/mimo/optimizer.py:342``)."""
+"""View name megatron-core's ``get_mimo_optimizer`` reads expert groups from."""
 
 DENSE_GROUP_DIMS: tuple[tuple[str, ...], ...] = (
     ("tp",), ("cp",), ("dp",), ("pp",),

@@ -30,8 +30,8 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 def pipeline_overrides(pp: int) -> dict:
     """TransformerConfig fields megatron-core's multi-module schedule needs (it runs every step):
     the branch's stage count (else every stage builds every layer, silently) and variable sequence
-    lengths (``schedules.py:2183``), which in turn need the alltoall dispatcher even for a dense
-    model (``transformer_config.py:2646``)."""
+    lengths (the schedule asserts them), which in turn need the alltoall dispatcher even for a
+    dense model (``TransformerConfig`` validation)."""
     return {"pipeline_model_parallel_size": pp, "variable_seq_lengths": True,
             "moe_token_dispatcher_type": "alltoall"}
 

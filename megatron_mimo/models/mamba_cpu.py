@@ -1,7 +1,7 @@
 """A CPU path for megatron-core's Mamba-2 mixer, with the stock parameter names and shapes.
 
-megatron-core 0.19.2's ``MambaMixer`` refuses to build without mamba-ssm's CUDA kernels
-(``ssm/mamba_mixer.py:222``). :class:`CpuMambaMixer` *is a* ``MambaMixer`` (same parameters:
+megatron-core's ``MambaMixer`` refuses to build without mamba-ssm's CUDA kernels (its
+``__init__`` raises ImportError). :class:`CpuMambaMixer` *is a* ``MambaMixer`` (same parameters:
 ``in_proj``, ``conv1d_weight``, ``conv1d_bias``, ``dt_bias``, ``A_log``, ``D``, ``norm.weight``,
 ``out_proj``; same ``sharded_state_dict``, so checkpoints move between the CPU and the GPU build)
 whose forward is plain torch: causal depthwise conv, then the SSD recurrence computed chunk by

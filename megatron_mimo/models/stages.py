@@ -4,8 +4,8 @@ does not depend on how the layers are split over stages.
 A stage's ``GPTModel`` builds only its layers when the config carries
 ``pipeline_model_parallel_size`` and the stage's ``pre_process`` (embedding) / ``post_process``
 (final norm, output layer, loss). Without ``pipeline_model_parallel_size`` megatron-core builds
-every layer on every stage and nothing fails (``transformer_block.py:95``), so both come from
-here together.
+every layer on every stage and nothing fails (``TransformerBlock`` counts a stage's layers from
+it), so both come from here together.
 
 Weights: with CPU initialisation each layer draws from the default generator in build order, so
 a stage that starts at layer k would draw other numbers than the same layer in a one-stage build.

@@ -34,7 +34,7 @@ def test_rebuild_gives_each_parameter_its_own_step_from_the_group():
     for p in params:
         p.grad = torch.ones(3)
     inner.step()
-    shared = torch.tensor(5.0)  # what distrib_optimizer.py:1049-1051 leaves behind
+    shared = torch.tensor(5.0)  # what DistributedOptimizer's load leaves behind
     for p in params:
         inner.state[p]["step"] = shared
     inner.param_groups[0]["step"] = 5.0

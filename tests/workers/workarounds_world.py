@@ -57,17 +57,17 @@ def _checks():
     from megatron.core.pipeline_parallel.bridge_communicator import BridgeCommunicator
     from megatron.core.utils import local_multi_tensor_l2_norm
 
-    def l2_norm():  # utils.py:1332 device="cuda"
+    def l2_norm():  # device="cuda"
         norm, _ = local_multi_tensor_l2_norm(0, None, [[torch.tensor([3.0, 4.0])]], False)
         return [norm.device.type, norm.item()]
 
-    def clip():  # clip_grads.py:174 type() == 'torch.cuda.FloatTensor', :180 device='cuda'
+    def clip():  # type() == 'torch.cuda.FloatTensor', device='cuda'
         param = torch.nn.Parameter(torch.ones(2))
         param.grad = torch.full((2,), 2.0)
         clip_grad_by_total_norm_fp32([param], max_norm=1.0, total_norm=4.0)
         return param.grad.tolist()
 
-    def stream():  # param_and_grad_buffer.py:632
+    def stream():  # every grad sync waits on the current stream
         torch.cuda.current_stream().wait_event(None)
         torch.cuda.synchronize()
         return "ok"
@@ -75,7 +75,7 @@ def _checks():
     def current_device():  # used as device= in grad buffers, bridge, attention
         return str(torch.empty(1, device=torch.cuda.current_device()).device)
 
-    def bridge_group():  # bridge_communicator.py:209 backend='nccl'
+    def bridge_group():  # BridgeCommunicator: backend='nccl'
         group = BridgeCommunicator._get_or_create_bridge_pg([0])
         return dist.get_backend(group)
 
@@ -93,7 +93,7 @@ def _checks():
         expected = torch.Generator().manual_seed(4321)
         return inside == torch.rand(1, generator=expected).item()
 
-    def hybrid_final_norm():  # models/hybrid/hybrid_block.py:215 always builds TENorm
+    def hybrid_final_norm():  # HybridStack always builds TENorm
         from megatron.core.models.hybrid import hybrid_block
         from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -101,12 +101,12 @@ def _checks():
                                    normalization="RMSNorm", use_cpu_initialization=True)
         return type(hybrid_block.TENorm(config=config, hidden_size=8, eps=1e-5)).__name__
 
-    def memory_buffer():  # transformer/dot_product_attention.py:189 (global_memory_buffer)
+    def memory_buffer():  # attention reads the global memory buffer
         from megatron.core import parallel_state
 
         return type(parallel_state.get_global_memory_buffer()).__name__
 
-    def save_queue():  # filesystem_async.py:53-66 would start a spawn-context Manager process
+    def save_queue():  # the first save would start a spawn-context Manager process
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
         if filesystem_async._results_queue is None:
