@@ -50,17 +50,20 @@ DIGITS_PATH = "data/digits"
 
 
 def digits_cpu() -> MimoConfig:
-    """`make train`: tiny_cpu's layout and models trained on real digits (data/digits) until the
-    held-out accuracy is over 90 % (the caption names the digit, so the image must get through)."""
+    """`make train`: tiny_cpu's layout and models trained on real digits (data/digits); the
+    caption names the digit, so the held-out accuracy proves the image gets through. The promise
+    is >= 90 % on any CPU; the recipe keeps a margin over it (matmul kernels, hence the exact
+    numbers, differ between CPU models): one micro-batch per step (the cheapest step on a CPU),
+    800 steps, an LR low enough that the accuracy plateaus well before the end."""
     base = tiny_cpu()
     return replace(
         base, name="digits_cpu",
         data=DataConfig(data_path=DIGITS_PATH),
-        optimizer=OptimizerConfig(lr=4e-3, min_lr=1e-3, images_lr=4e-3, images_min_lr=1e-3),
+        optimizer=OptimizerConfig(lr=2e-3, min_lr=1e-4, images_lr=2e-3, images_min_lr=1e-4),
         scheduler=SchedulerConfig(lr_warmup_iters=20, lr_decay_style="cosine"),
-        training=TrainingConfig(micro_batch_size=8, global_batch_size=32, train_iters=400,
-                                seed=1234, eval_interval=400, eval_iters=9),
-        logging=LoggingConfig(log_interval=25),
+        training=TrainingConfig(micro_batch_size=32, global_batch_size=32, train_iters=800,
+                                seed=1234, eval_interval=800, eval_iters=9),
+        logging=LoggingConfig(log_interval=50),
     )
 
 
