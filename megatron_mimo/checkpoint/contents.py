@@ -263,9 +263,10 @@ def _load_schedulers(schedulers: dict[str, Any], states: dict[str, dict[str, Any
         load_scheduler_state(scheduler, saved)
 
 
-FORMAT = "megatron-mimo/2"
-"""Checkpoint format version written into the manifest; in /2 the data state is one object per
-rank. Bump it whenever a piece moves to another key."""
+FORMAT = "megatron-mimo/3"
+"""Checkpoint format version written into the manifest: /2 keeps the data state as one object
+per rank, /3 the images branch's norms under Transformer Engine's names. Bump it whenever a
+piece moves to another key."""
 
 
 def summary(pieces: Pieces) -> dict[str, Any]:

@@ -5,6 +5,8 @@ hidden size. One image fills exactly ``num_image_tokens`` image-token slots of t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from einops import rearrange
 from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
@@ -55,10 +57,26 @@ def _layer_spec_and_norm(device: torch.device):
         )
 
         return get_vit_layer_with_transformer_engine_spec(), TENorm
-    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    return get_vit_layer_with_local_spec(), WrappedTorchNorm
+    return local_vit_layer_spec(), WrappedTorchNorm
+
+
+TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+"""Checkpoint keys of the local spec's norms under the names Transformer Engine's fused
+LayerNorm-linear layers load them by (megatron-core's local GPT spec carries the same map)."""
+
+
+def local_vit_layer_spec() -> ModuleSpec:
+    """megatron-core's local ViT layer spec, checkpointing its norms under TE's names, so an
+    images branch saved on a CPU loads into the GPU build and back (megatron-core's own local ViT
+    spec has no keys map, unlike its local GPT spec)."""
+    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+
+    spec = get_vit_layer_with_local_spec()
+    return replace(spec, submodules=replace(spec.submodules,
+                                            sharded_state_dict_keys_map=dict(TE_NORM_KEYS)))
 
 
 def backbone_spec(cfg: ImagesModelConfig, tp: int, pgs: ProcessGroupCollection,

@@ -7,7 +7,7 @@ import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
 from tests.resume_worlds import CASES as ALL
-from tests.resume_worlds import OVERFLOW_AT
+from tests.resume_worlds import NEMOTRON, OVERFLOW_AT
 from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 
 pytestmark = pytest.mark.dist
@@ -93,6 +93,22 @@ def _model_keys(directory):
     metadata = FileSystemReader(str(directory)).read_metadata()
     return {k for k in metadata.state_dict_metadata
             if k.startswith(("language_model.", "modality_submodules."))}
+
+
+def test_local_spec_checkpoints_name_norms_as_transformer_engine_does(root, saved):
+    # TE fuses each pre-attention / pre-MLP norm into the linear after it; a checkpoint written
+    # with the local specs (CPU) must use those names to load into a GPU build (GPT, ViT, RADIO)
+    iteration = f"iter_{N:07d}"
+    for case in (FP32, NEMOTRON):
+        keys = _model_keys(root / case / iteration)
+        branches = ("language_model.", "modality_submodules.images.") if case == FP32 else \
+            ("modality_submodules.images.",)
+        for branch in branches:
+            mine = {k for k in keys if k.startswith(branch)}
+            assert any(k.endswith("linear_qkv.layer_norm_weight") for k in mine), (case, branch)
+            assert any(k.endswith("linear_fc1.layer_norm_weight") for k in mine), (case, branch)
+            assert not any("input_layernorm" in k or "pre_mlp_layernorm" in k for k in mine), \
+                (case, branch)
 
 
 def test_model_keys_are_the_same_in_every_precision(root, saved):

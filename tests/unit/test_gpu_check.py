@@ -168,15 +168,12 @@ def test_te_name_is_the_checkpoint_key_of_the_local_specs(index):
             te_name(f"decoder.layers.3.{name}"), label
 
 
-@pytest.mark.xfail(strict=True, reason="models/vision.py uses megatron-core's local ViT layer "
-                   "spec, which has no sharded_state_dict_keys_map: a CPU checkpoint of the "
-                   "images branch names its norms input_layernorm/pre_mlp_layernorm, the TE build "
-                   "reads linear_qkv/linear_fc1.layer_norm_* (finetune-load/vit and /radio fail)")
 def test_the_local_vit_spec_checkpoints_norms_under_te_names():
-    from megatron.core.models.vision.vit_layer_specs import get_vit_layer_with_local_spec
+    from megatron_mimo.models.vision import local_vit_layer_spec
 
-    keys_map = get_vit_layer_with_local_spec().submodules.sharded_state_dict_keys_map
-    for name in ("input_layernorm.weight", "pre_mlp_layernorm.weight"):
+    keys_map = local_vit_layer_spec().submodules.sharded_state_dict_keys_map
+    for name in ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
+                 "pre_mlp_layernorm.bias"):
         assert megatron_mapped(name, keys_map) == te_name(f"decoder.layers.3.{name}")
 
 
