@@ -47,16 +47,32 @@ def _mamba_layer(cfg: LanguageModelConfig, tp: int) -> int:
             + hidden * inner // tp)  # out_proj
 
 
+def _gpt_layer(cfg: LanguageModelConfig, tp: int) -> int:
+    """One GPT-family layer: norms (LayerNorm with bias, or RMSNorm), QKV with ``query_groups``
+    key/value heads, output projection, fc1 (``[gate; up]`` with SwiGLU) and fc2; biases unless
+    ``disable_bias_linear`` (column-parallel biases split, row-parallel ones replicated)."""
+    hidden, ffn, bias = cfg.hidden_size, cfg.ffn_hidden_size, not cfg.disable_bias_linear
+    qkv = (cfg.num_attention_heads + 2 * cfg.query_groups) * (hidden // cfg.num_attention_heads)
+    fc1 = ffn * (2 if cfg.swiglu else 1)
+    norms = 2 * _norm(hidden, cfg.normalization == "LayerNorm")
+    linears = (qkv + hidden + fc1) * hidden // tp + hidden * ffn // tp
+    biases = bias * ((qkv + fc1) // tp + 2 * hidden)
+    return norms + linears + biases
+
+
 def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: int = 0) -> int:
     """Parameters on one rank of pipeline stage ``stage`` (of ``pp``) of the language branch
-    (GPT or Mamba hybrid) at ``tp``: its share of the layers, the word embeddings on the first
-    stage, the final norm and the (untied) output layer on the last."""
+    (GPT or Mamba hybrid) at ``tp``: its share of the layers, the word (and learned position)
+    embeddings on the first stage, the final norm and the output layer (unless it reuses the
+    embeddings) on the last."""
     hidden = cfg.hidden_size
     first, last = stage == 0, stage == pp - 1
-    total = (first + last) * (cfg.vocab_size // tp * hidden)  # embeddings, untied output layer
+    untied = cfg.untie_embeddings_and_output_weights
+    total = (first + last * untied) * (cfg.vocab_size // tp * hidden)
     if cfg.kind == "gpt":
-        return total + cfg.num_layers // pp * _transformer_layer(hidden, cfg.ffn_hidden_size, tp) \
-            + last * _norm(hidden, True)
+        positions = cfg.seq_length * hidden if cfg.position_embedding_type == "learned_absolute" else 0
+        return (total + first * positions + cfg.num_layers // pp * _gpt_layer(cfg, tp)
+                + last * _norm(hidden, cfg.normalization == "LayerNorm"))
     for symbol in cfg.stage_patterns(pp)[stage]:
         if symbol == "M":
             total += _mamba_layer(cfg, tp)

@@ -9,6 +9,12 @@ from megatron_mimo.errors import require_positive as _require_positive
 
 IMAGES_KINDS = ("vit", "radio")
 LANGUAGE_KINDS = ("gpt", "mamba_hybrid")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
+POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+GPT_ONLY_DEFAULTS = {"normalization": "LayerNorm", "swiglu": False, "num_query_groups": None,
+                     "disable_bias_linear": False, "position_embedding_type": "rope",
+                     "rotary_base": 10000}
+"""Language options the Mamba hybrid does not take, with their defaults."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,22 @@ class LanguageModelConfig(TransformerSizes):
     """Channels per Mamba head; heads = 2 x hidden_size / mamba_head_dim (mamba_hybrid only)."""
     mamba_num_groups: int = 2
     """B/C groups of every Mamba layer; must divide by the language TP (mamba_hybrid only)."""
+    normalization: str = "LayerNorm"
+    """'LayerNorm' or 'RMSNorm' (Llama) (gpt only: the hybrid always uses RMSNorm)."""
+    swiglu: bool = False
+    """SwiGLU MLP (Llama): fc1 holds [gate; up] and the MLP computes silu(gate) * up (gpt only)."""
+    num_query_groups: int | None = None
+    """Key/value heads of grouped-query attention; must divide the attention heads and by the
+    language TP (gpt only; default: one per attention head)."""
+    disable_bias_linear: bool = False
+    """No biases in the linear layers (Llama) (gpt only)."""
+    position_embedding_type: str = "rope"
+    """'rope' (rotary) or 'learned_absolute' (gpt only)."""
+    rotary_base: int = 10000
+    """RoPE base theta (Llama 2: 10000, Llama 3: 500000) (gpt only)."""
+    untie_embeddings_and_output_weights: bool = False
+    """The output layer has its own weights (Llama, Vicuna); without it the output layer
+    reuses the word embeddings, which needs one language pipeline stage."""
 
     def __post_init__(self) -> None:
         self._validate_sizes("language", self.kind, LANGUAGE_KINDS, vocab_size=self.vocab_size,
@@ -109,6 +131,7 @@ class LanguageModelConfig(TransformerSizes):
                              mamba_num_groups=self.mamba_num_groups)
         _require(set(self.hybrid_pattern) <= set("M*-") and self.hybrid_pattern != "",
                  f"language.hybrid_pattern may hold only 'M', '*', '-', got {self.hybrid_pattern!r}")
+        self._validate_gpt_options()
         if self.kind == "mamba_hybrid":
             _require(len(self.hybrid_pattern) == self.num_layers, (
                 f"language.hybrid_pattern {self.hybrid_pattern!r} has {len(self.hybrid_pattern)} "
@@ -118,6 +141,29 @@ class LanguageModelConfig(TransformerSizes):
                      f"mamba heads (2 x hidden_size {self.hidden_size} / mamba_head_dim "
                      f"{self.mamba_head_dim}) must be whole and divide by mamba_num_groups "
                      f"{self.mamba_num_groups}")
+
+    def _validate_gpt_options(self) -> None:
+        _require(self.normalization in NORMALIZATIONS, f"language.normalization must be one of "
+                 f"{NORMALIZATIONS}, got {self.normalization!r}")
+        _require(self.position_embedding_type in POSITION_EMBEDDINGS,
+                 f"language.position_embedding_type must be one of {POSITION_EMBEDDINGS}, got "
+                 f"{self.position_embedding_type!r}")
+        _require_positive("language", rotary_base=self.rotary_base)
+        groups = self.num_query_groups
+        if groups is not None:
+            _require(groups > 0 and self.num_attention_heads % groups == 0,
+                     f"language.num_query_groups {groups} must divide num_attention_heads "
+                     f"{self.num_attention_heads}")
+        if self.kind != "gpt":
+            changed = [name for name, default in GPT_ONLY_DEFAULTS.items()
+                       if getattr(self, name) != default]
+            _require(not changed, f"language.{changed[0] if changed else ''} applies to the GPT "
+                                  f"language model only, not to {self.kind}")
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (``num_query_groups``, or one per attention head)."""
+        return self.num_query_groups or self.num_attention_heads
 
     def stage_patterns(self, num_stages: int) -> list[str]:
         """The hybrid pattern cut into ``num_stages`` equal segments, one per pipeline stage

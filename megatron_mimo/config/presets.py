@@ -28,7 +28,8 @@ def tiny_cpu() -> MimoConfig:
         images=ImagesModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
                                    ffn_hidden_size=128, image_size=32, patch_size=8),
         language=LanguageModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
-                                     ffn_hidden_size=128, vocab_size=256, seq_length=48),
+                                     ffn_hidden_size=128, vocab_size=256, seq_length=48,
+                                     untie_embeddings_and_output_weights=True),
         optimizer=OptimizerConfig(lr=3e-3, min_lr=3e-4, images_lr=1e-3, images_min_lr=1e-4),
         scheduler=SchedulerConfig(lr_warmup_iters=5, lr_decay_style="cosine"),
         training=TrainingConfig(micro_batch_size=2, global_batch_size=8, train_iters=40, seed=1234),
@@ -68,7 +69,8 @@ def digits_cpu() -> MimoConfig:
 
 
 def llava_8gpu() -> MimoConfig:
-    """8 GPUs, LLaVA-like: ViT-L/14-336 at TP2xDP2 on ranks 0-3, a 7B-class GPT at TP4 on ranks 4-7."""
+    """8 GPUs, LLaVA-1.5-like: ViT-L/14-336 at TP2xDP2 on ranks 0-3, a Llama-2/Vicuna-7B shaped
+    LLM (RMSNorm, SwiGLU, RoPE, no biases, untied output layer) at TP4 on ranks 4-7."""
     return MimoConfig(
         name="llava_8gpu",
         images_parallel=ParallelismConfig(tp=2, dp=2, offset=0),
@@ -76,7 +78,10 @@ def llava_8gpu() -> MimoConfig:
         images=ImagesModelConfig(num_layers=24, hidden_size=1024, num_attention_heads=16,
                                    ffn_hidden_size=4096, image_size=336, patch_size=14),
         language=LanguageModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
-                                     ffn_hidden_size=11008, vocab_size=32000, seq_length=2048),
+                                     ffn_hidden_size=11008, vocab_size=32000, seq_length=2048,
+                                     normalization="RMSNorm", swiglu=True,
+                                     disable_bias_linear=True,
+                                     untie_embeddings_and_output_weights=True),
         optimizer=OptimizerConfig(lr=2e-5, min_lr=0.0, images_lr=2e-6, images_min_lr=0.0,
                                   weight_decay=0.0, clip_grad=1.0),
         scheduler=SchedulerConfig(lr_warmup_iters=150, lr_decay_style="cosine"),
@@ -87,7 +92,7 @@ def llava_8gpu() -> MimoConfig:
 
 
 def llava_8gpu_pp() -> MimoConfig:
-    """llava_8gpu with the 7B-class GPT at TP2xPP2 on ranks 4-7 (16 layers per stage): TP stays
+    """llava_8gpu with the 7B LLM at TP2xPP2 on ranks 4-7 (16 layers per stage): TP stays
     inside pairs of GPUs, the choice when the GPUs of a node are not all NVLink-connected."""
     return replace(llava_8gpu(), name="llava_8gpu_pp",
                    language_parallel=ParallelismConfig(tp=2, dp=1, pp=2, offset=4))
@@ -105,7 +110,8 @@ def tiny_cpu_nemotron() -> MimoConfig:
         language=LanguageModelConfig(kind="mamba_hybrid", num_layers=4, hybrid_pattern="M*M-",
                                      hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                                      vocab_size=256, seq_length=48, mamba_state_dim=16,
-                                     mamba_head_dim=16, mamba_num_groups=2),
+                                     mamba_head_dim=16, mamba_num_groups=2,
+                                     untie_embeddings_and_output_weights=True),
     )
 
 
@@ -128,7 +134,8 @@ def nemotron_8gpu() -> MimoConfig:
                                      hybrid_pattern=pattern, hidden_size=4096,
                                      num_attention_heads=32, ffn_hidden_size=16384,
                                      vocab_size=131072, seq_length=4096, mamba_state_dim=128,
-                                     mamba_head_dim=64, mamba_num_groups=8),
+                                     mamba_head_dim=64, mamba_num_groups=8,
+                                     untie_embeddings_and_output_weights=True),
         optimizer=OptimizerConfig(lr=1e-5, min_lr=1e-6, images_lr=2e-6, images_min_lr=2e-7,
                                   weight_decay=0.05, clip_grad=1.0),
         scheduler=SchedulerConfig(lr_warmup_iters=200, lr_decay_style="cosine"),

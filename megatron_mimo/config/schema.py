@@ -271,6 +271,9 @@ class MimoConfig:
         _require(self.language.seq_length > self.images.num_image_tokens + 1, (
             f"language.seq_length {self.language.seq_length} must exceed the image tokens per "
             f"sample + 1 ({self.images.num_image_tokens + 1})"))
+        _require(self.language.query_groups % self.language_parallel.tp == 0, (
+            f"language branch: num_query_groups {self.language.query_groups} must divide by tp "
+            f"{self.language_parallel.tp} (each TP rank holds whole key/value heads)"))
         if self.language.kind == "mamba_hybrid":
             tp = self.language_parallel.tp
             _require(self.language.mamba_num_groups % tp == 0 and self.language.mamba_num_heads % tp == 0,
@@ -283,6 +286,9 @@ class MimoConfig:
         pp = self.language_parallel.pp
         if pp == 1:
             return
+        _require(self.language.untie_embeddings_and_output_weights, (
+            f"--llm-pp {pp}: the output layer shares the word embeddings, which live on another "
+            f"stage; add --untie-embeddings-and-output-weights"))
         layers = self.language.num_layers
         what = f"num_layers {layers}"
         if self.language.kind == "mamba_hybrid":

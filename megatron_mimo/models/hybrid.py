@@ -85,6 +85,7 @@ def mamba_hybrid_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollec
         # '|' between the stage segments: megatron-core's explicit split (its implicit one is
         # deprecated and warns)
         "hybrid_layer_pattern": "|".join(cfg.stage_patterns(pp)),
-        "position_embedding_type": "none", "share_embeddings_and_output_weights": False,
+        "position_embedding_type": "none",
+        "share_embeddings_and_output_weights": not cfg.untie_embeddings_and_output_weights,
         **stage_flags(pgs), "pg_collection": pgs,
     })

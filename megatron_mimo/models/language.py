@@ -1,9 +1,10 @@
-"""Language branch: megatron-core ``GPTModel`` with rotary positions, returning per-token loss."""
+"""Language branch: megatron-core ``GPTModel`` (GPT or Llama family), returning per-token loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -13,7 +14,7 @@ from megatron_mimo.models.common import build_transformer_config, te_available
 from megatron_mimo.models.stages import apply_layer_seeding, stage_flags
 
 
-def _layer_spec(device: torch.device) -> ModuleSpec:
+def _layer_spec(device: torch.device, normalization: str) -> ModuleSpec:
     if te_available(device):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -22,7 +23,16 @@ def _layer_spec(device: torch.device) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec()
+    return get_gpt_layer_local_spec(normalization=normalization)
+
+
+def gpt_overrides(cfg: LanguageModelConfig) -> dict:
+    """TransformerConfig fields of the GPT family (Llama: RMSNorm, SwiGLU, grouped-query
+    attention, no biases); megatron-core's defaults otherwise."""
+    return {"normalization": cfg.normalization, "gated_linear_unit": cfg.swiglu,
+            "activation_func": F.silu if cfg.swiglu else F.gelu,
+            "num_query_groups": cfg.num_query_groups,
+            "add_bias_linear": not cfg.disable_bias_linear}
 
 
 def gpt_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection | None,
@@ -33,12 +43,14 @@ def gpt_spec(cfg: LanguageModelConfig, tp: int, pgs: ProcessGroupCollection | No
     initialise from ``init_seed`` and their global number, whatever the stage split. ``pp`` is
     the branch's stage count (also on ranks outside the branch: ``MimoModel`` and the schedule
     read this config on every rank)."""
-    config = build_transformer_config(cfg, tp, device, precision, pp=pp)
+    config = build_transformer_config(cfg, tp, device, precision, pp=pp, **gpt_overrides(cfg))
+    layer_spec = _layer_spec(device, cfg.normalization)
     return ModuleSpec(module=GPTModel, params={
         "config": config,
-        "transformer_layer_spec": apply_layer_seeding(_layer_spec(device), init_seed),
+        "transformer_layer_spec": apply_layer_seeding(layer_spec, init_seed),
         "vocab_size": cfg.vocab_size, "max_sequence_length": cfg.seq_length,
-        "position_embedding_type": "rope", "share_embeddings_and_output_weights": False,
+        "position_embedding_type": cfg.position_embedding_type, "rotary_base": cfg.rotary_base,
+        "share_embeddings_and_output_weights": not cfg.untie_embeddings_and_output_weights,
         **stage_flags(pgs), "pg_collection": pgs,
     })
 

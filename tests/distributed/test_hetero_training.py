@@ -3,6 +3,7 @@
 import pytest
 
 from tests.harness import run_world
+from tests.workers.training_world import LLAMA, LLAMA_LAYOUT
 
 pytestmark = pytest.mark.dist
 
@@ -57,6 +58,18 @@ def test_four_rank_layouts_train_and_match_reference(layouts, reference, layout)
     assert [rank.runs[layout].branch for rank in layouts] == ["images", "images", "language", "language"]
 
 
+def test_llama_language_tp2_with_grouped_query_attention_matches_reference(layouts, references):
+    """RMSNorm, SwiGLU ([gate; up] split over TP), 2 key/value groups at TP2, no biases, RoPE
+    base 500000, tied output layer: the same records as one rank building the same modules."""
+    assert references.llama[0].loss != references.gpt[0].loss  # the options reached the model
+    for rank in layouts:
+        steps = rank.runs[LLAMA_LAYOUT].steps
+        for step, (got, want) in enumerate(zip(steps, references.llama, strict=True)):
+            assert _rel(got.record["loss"], want.loss) < 1e-5, (step, got.record, want)
+            assert _rel(got.record["grad_norm"], want.grad_norm) < 1e-5, (step, got.record, want)
+        assert all(s.params_changed for s in steps[1:])
+
+
 def test_found_inf_on_images_ranks_skips_everywhere(layouts):
     for rank in layouts:
         first, injected, after = rank.found_inf.steps
@@ -73,12 +86,13 @@ def test_parallel_state_never_initialised(layouts, hetero):
     assert all(rank.parallel_state_untouched for rank in layouts)
 
 
-@pytest.mark.parametrize("layout", ["images_tp1dp2_language_tp2dp1", "images_tp2dp1_language_tp1dp2"])
+@pytest.mark.parametrize("layout", ["images_tp1dp2_language_tp2dp1", "images_tp2dp1_language_tp1dp2",
+                                    LLAMA_LAYOUT])
 def test_dry_run_parameter_count_matches_the_built_model(layouts, layout):
     from megatron_mimo.config.memory import branch_parameters
     from tests.workers.training_world import LAYOUTS, make_cfg
 
-    cfg = make_cfg(LAYOUTS[layout])
+    cfg = make_cfg({**LAYOUTS, LLAMA_LAYOUT: LLAMA}[layout])
     for rank in layouts:
         got = rank.runs[layout]
         assert got.local_parameters == branch_parameters(cfg, got.branch), (layout, got.branch)

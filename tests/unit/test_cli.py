@@ -148,3 +148,14 @@ def test_data_command_runs_without_torchrun_and_reports_one_line(tmp_path, capsy
     assert main(["data", "prepare-digits", str(tmp_path)]) == 1  # exists already
     err = capsys.readouterr().err.strip()
     assert err == f"megatron-mimo: error: {tmp_path} already exists: choose another folder or delete it"
+
+
+def test_llama_flags_use_megatrons_names():
+    cfg, _ = config_from_args([
+        "--config", "tiny_cpu", "--normalization", "RMSNorm", "--swiglu",
+        "--num-query-groups", "2", "--disable-bias-linear", "--position-embedding-type", "rope",
+        "--rotary-base", "500000", "--untie-embeddings-and-output-weights"])
+    language = cfg.language
+    assert (language.normalization, language.swiglu, language.num_query_groups) == ("RMSNorm", True, 2)
+    assert language.disable_bias_linear and language.untie_embeddings_and_output_weights
+    assert (language.position_embedding_type, language.rotary_base) == ("rope", 500000)

@@ -82,3 +82,39 @@ def test_layout_errors_name_the_numbers(section, changes, message):
 def test_section_validation(section, changes, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(getattr(tiny_cpu(), section), **changes)
+
+
+LLAMA = {"normalization": "RMSNorm", "swiglu": True, "num_query_groups": 2,
+         "disable_bias_linear": True, "rotary_base": 500000}
+
+
+def test_llama_options_validate_against_the_layout():
+    llama = _with(tiny_cpu(), "language", **LLAMA)  # 4 heads, 2 key/value groups, TP2
+    assert llama.language.query_groups == 2
+    with pytest.raises(ConfigError, match=r"language branch: num_query_groups 1 must divide by tp 2"):
+        _with(tiny_cpu(), "language", num_query_groups=1)
+    with pytest.raises(ConfigError, match=r"num_query_groups 3 must divide num_attention_heads 4"):
+        _with(tiny_cpu(), "language", num_query_groups=3)
+
+
+def test_tied_output_layer_needs_one_language_stage():
+    cfg = tiny_cpu()
+    tied = dataclasses.replace(cfg.language, untie_embeddings_and_output_weights=False)
+    one_stage = dataclasses.replace(cfg, language=tied)  # tied at PP1: fine
+    assert not one_stage.language.untie_embeddings_and_output_weights
+    with pytest.raises(ConfigError, match=r"--llm-pp 2: the output layer shares the word "
+                                          r"embeddings.*--untie-embeddings-and-output-weights"):
+        dataclasses.replace(cfg, language=tied, language_parallel=ParallelismConfig(
+            tp=1, dp=1, pp=2, offset=2))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"normalization": "LayerNorm2"}, "normalization must be one of"),
+    ({"position_embedding_type": "alibi"}, "position_embedding_type must be one of"),
+    ({"rotary_base": 0}, "rotary_base must be >= 1, got 0"),
+    ({"kind": "mamba_hybrid", "num_layers": 4, "swiglu": True},
+     "language.swiglu applies to the GPT language model only, not to mamba_hybrid"),
+])
+def test_language_option_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(tiny_cpu().language, **changes)

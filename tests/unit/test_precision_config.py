@@ -1,5 +1,7 @@
 """Precision flags, their one-line errors, and the memory arithmetic --dry-run prints."""
 
+import dataclasses
+
 import pytest
 
 from megatron_mimo.config.cli import apply_overrides, config_from_args, format_layout
@@ -57,4 +59,15 @@ def test_memory_per_rank_in_each_precision():
 def test_dry_run_shows_what_fits():
     text = format_layout(llava_8gpu())
     assert "memory per rank (bf16" in text
-    assert "language: 1,324,808,192 parameters" in text and "total 22.21 GiB" in text
+    assert "language: 1,684,803,584 parameters" in text and "total 28.24 GiB" in text
+
+
+def test_llama2_7b_parameter_count_is_the_published_one():
+    # Llama-2-7B: 6,738,415,616 parameters (untied output layer, RMSNorm, SwiGLU, no biases);
+    # at TP1 nothing is replicated, so the estimate must equal it exactly
+    from megatron_mimo.config.memory import language_parameters
+
+    assert language_parameters(llava_8gpu().language, tp=1) == 6_738_415_616
+    gqa = dataclasses.replace(llava_8gpu().language, num_query_groups=8)  # 8 key/value heads
+    saved = 2 * 32 * (32 - 8) * 128 * 4096  # k and v of 24 heads fewer, 32 layers
+    assert language_parameters(gqa, tp=1) == 6_738_415_616 - saved

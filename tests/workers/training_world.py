@@ -36,6 +36,12 @@ PIPELINE = {"language_parallel.tp": 1, "language_parallel.pp": 2}
 """Images TP1xDP2 on ranks 0-1, language TP1xDP1xPP2 on ranks 2-3: 4 micro-batches."""
 HYBRID = {"language.kind": "mamba_hybrid", "language.num_layers": 4}
 """The Mamba hybrid 'M*M-': stage 0 runs 'M*', stage 1 'M-'."""
+LLAMA = {"language.normalization": "RMSNorm", "language.swiglu": True,
+         "language.num_query_groups": 2, "language.disable_bias_linear": True,
+         "language.rotary_base": 500000, "language.untie_embeddings_and_output_weights": False}
+"""A Llama-family GPT: RMSNorm, SwiGLU, 4 heads over 2 key/value groups (one per TP rank at
+TP2), no biases, RoPE base 500000, output layer tied to the word embeddings."""
+LLAMA_LAYOUT = "llama_images_tp1dp2_language_tp2dp1"
 
 
 @dataclass
@@ -85,6 +91,7 @@ class References:
 
     gpt: list[ReferenceStep]
     mamba_hybrid: list[ReferenceStep]
+    llama: list[ReferenceStep]
 
 
 @dataclass
@@ -93,7 +100,7 @@ class Layouts:
 
     world_rank: int
     runs: dict[str, JobRun]
-    """By layout name (:data:`LAYOUTS`)."""
+    """By layout name (:data:`LAYOUTS`, and :data:`LLAMA_LAYOUT`)."""
     found_inf: JobRun
     """Three iterations, a found-inf on the images ranks only at the second."""
     parallel_state_untouched: bool
@@ -213,7 +220,8 @@ def body(args: dict[str, Any]) -> Any:
     mode = args["mode"]
     if mode == "reference":
         return References(gpt=reference(make_cfg({}), ITERS),
-                          mamba_hybrid=reference(make_cfg(HYBRID), ITERS))
+                          mamba_hybrid=reference(make_cfg(HYBRID), ITERS),
+                          llama=reference(make_cfg(LLAMA), ITERS))
     if mode == "hetero":
         cfg = make_cfg({"images_parallel.dp": 1, "language_parallel.offset": 1,
                         "language_parallel.tp": 1})
@@ -224,7 +232,8 @@ def body(args: dict[str, Any]) -> Any:
                         mamba_hybrid=run_job(make_cfg({**PIPELINE, **HYBRID}), ITERS),
                         found_inf=run_job(make_cfg(PIPELINE), 3, inject_found_inf_at=2,
                                           inject_branch=LANGUAGE))
-    runs = {name: run_job(make_cfg(over), ITERS) for name, over in LAYOUTS.items()}
+    runs = {name: run_job(make_cfg(over), ITERS) for name, over in
+            {**LAYOUTS, LLAMA_LAYOUT: LLAMA}.items()}
     return Layouts(world_rank=dist.get_rank(), runs=runs,
                    found_inf=run_job(make_cfg({}), 3, inject_found_inf_at=2),
                    parallel_state_untouched=model_parallel_state_is_untouched())
