@@ -18,17 +18,23 @@ def _norm(hidden: int, bias: bool) -> int:
     return hidden * (2 if bias else 1)
 
 
-def _attention(hidden: int, tp: int, bias: bool) -> int:
-    """Input norm (``bias``: LayerNorm, else RMSNorm), QKV (column-parallel, bias split) and
-    output projection (row-parallel, bias replicated)."""
-    return (_norm(hidden, bias) + 3 * hidden * hidden // tp + 3 * hidden // tp
-            + hidden * hidden // tp + hidden)
+def _attention(hidden: int, tp: int, bias: bool, qkv: int | None = None,
+               linear_bias: bool = True) -> int:
+    """Input norm (``bias``: LayerNorm, else RMSNorm), QKV with ``qkv`` outputs (default
+    ``3 * hidden``; fewer with grouped-query attention) and output projection; column-parallel
+    biases split, row-parallel ones replicated, none without ``linear_bias``."""
+    qkv = 3 * hidden if qkv is None else qkv
+    return (_norm(hidden, bias) + qkv * hidden // tp + hidden * hidden // tp
+            + linear_bias * (qkv // tp + hidden))
 
 
-def _mlp(hidden: int, ffn: int, tp: int, input_size: int | None = None) -> int:
-    """fc1 (column-parallel, bias split) and fc2 (row-parallel, bias replicated)."""
+def _mlp(hidden: int, ffn: int, tp: int, input_size: int | None = None, gated: bool = False,
+         linear_bias: bool = True) -> int:
+    """fc1 (column-parallel; ``[gate; up]``, twice as wide, when ``gated``) and fc2
+    (row-parallel); column-parallel biases split, row-parallel ones replicated."""
     inputs = hidden if input_size is None else input_size
-    return ffn * inputs // tp + ffn // tp + hidden * ffn // tp + hidden
+    fc1 = ffn * (2 if gated else 1)
+    return fc1 * inputs // tp + hidden * ffn // tp + linear_bias * (fc1 // tp + hidden)
 
 
 def _transformer_layer(hidden: int, ffn: int, tp: int) -> int:
@@ -48,30 +54,26 @@ def _mamba_layer(cfg: LanguageModelConfig, tp: int) -> int:
 
 
 def _gpt_layer(cfg: LanguageModelConfig, tp: int) -> int:
-    """One GPT-family layer: norms (LayerNorm with bias, or RMSNorm), QKV with ``query_groups``
-    key/value heads, output projection, fc1 (``[gate; up]`` with SwiGLU) and fc2; biases unless
-    ``disable_bias_linear`` (column-parallel biases split, row-parallel ones replicated)."""
-    hidden, ffn, bias = cfg.hidden_size, cfg.ffn_hidden_size, not cfg.disable_bias_linear
+    """One GPT-family layer: norms (LayerNorm with bias, or RMSNorm), attention with
+    ``query_groups`` key/value heads, the MLP (SwiGLU: ``[gate; up]``), biases unless
+    ``disable_bias_linear``."""
+    hidden, layernorm, bias = cfg.hidden_size, cfg.normalization == "LayerNorm", \
+        not cfg.disable_bias_linear
     qkv = (cfg.num_attention_heads + 2 * cfg.query_groups) * (hidden // cfg.num_attention_heads)
-    fc1 = ffn * (2 if cfg.swiglu else 1)
-    norms = 2 * _norm(hidden, cfg.normalization == "LayerNorm")
-    linears = (qkv + hidden + fc1) * hidden // tp + hidden * ffn // tp
-    biases = bias * ((qkv + fc1) // tp + 2 * hidden)
-    return norms + linears + biases
+    return (_attention(hidden, tp, layernorm, qkv, bias) + _norm(hidden, layernorm)
+            + _mlp(hidden, cfg.ffn_hidden_size, tp, gated=cfg.swiglu, linear_bias=bias))
 
 
 def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: int = 0) -> int:
     """Parameters on one rank of pipeline stage ``stage`` (of ``pp``) of the language branch
-    (GPT or Mamba hybrid) at ``tp``: its share of the layers, the word (and learned position)
-    embeddings on the first stage, the final norm and the output layer (unless it reuses the
-    embeddings) on the last."""
+    (GPT or Mamba hybrid) at ``tp``: its share of the layers, the word embeddings on the first
+    stage, the final norm and the output layer (unless it reuses the embeddings) on the last."""
     hidden = cfg.hidden_size
     first, last = stage == 0, stage == pp - 1
     untied = cfg.untie_embeddings_and_output_weights
     total = (first + last * untied) * (cfg.vocab_size // tp * hidden)
     if cfg.kind == "gpt":
-        positions = cfg.seq_length * hidden if cfg.position_embedding_type == "learned_absolute" else 0
-        return (total + first * positions + cfg.num_layers // pp * _gpt_layer(cfg, tp)
+        return (total + cfg.num_layers // pp * _gpt_layer(cfg, tp)
                 + last * _norm(hidden, cfg.normalization == "LayerNorm"))
     for symbol in cfg.stage_patterns(pp)[stage]:
         if symbol == "M":

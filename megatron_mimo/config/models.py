@@ -10,7 +10,8 @@ from megatron_mimo.errors import require_positive as _require_positive
 IMAGES_KINDS = ("vit", "radio")
 LANGUAGE_KINDS = ("gpt", "mamba_hybrid")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
-POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+POSITION_EMBEDDINGS = ("rope",)
+"""Position embeddings of the GPT builder (the Llama family's; others are not tested here)."""
 GPT_ONLY_DEFAULTS = {"normalization": "LayerNorm", "swiglu": False, "num_query_groups": None,
                      "disable_bias_linear": False, "position_embedding_type": "rope",
                      "rotary_base": 10000}
@@ -117,7 +118,7 @@ class LanguageModelConfig(TransformerSizes):
     disable_bias_linear: bool = False
     """No biases in the linear layers (Llama) (gpt only)."""
     position_embedding_type: str = "rope"
-    """'rope' (rotary) or 'learned_absolute' (gpt only)."""
+    """'rope' (rotary; the only one the GPT builder takes) (gpt only)."""
     rotary_base: int = 10000
     """RoPE base theta (Llama 2: 10000, Llama 3: 500000) (gpt only)."""
     untie_embeddings_and_output_weights: bool = False
@@ -155,10 +156,9 @@ class LanguageModelConfig(TransformerSizes):
                      f"language.num_query_groups {groups} must divide num_attention_heads "
                      f"{self.num_attention_heads}")
         if self.kind != "gpt":
-            changed = [name for name, default in GPT_ONLY_DEFAULTS.items()
-                       if getattr(self, name) != default]
-            _require(not changed, f"language.{changed[0] if changed else ''} applies to the GPT "
-                                  f"language model only, not to {self.kind}")
+            for name, default in GPT_ONLY_DEFAULTS.items():
+                _require(getattr(self, name) == default, f"language.{name} applies to the GPT "
+                                                         f"language model only, not to {self.kind}")
 
     @property
     def query_groups(self) -> int:
