@@ -86,16 +86,21 @@ def language_parameters(cfg: LanguageModelConfig, tp: int, pp: int = 1, stage: i
 
 
 def images_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) -> int:
-    """Parameters on one rank of the images branch (ViT or RADIO + MLP projector) at ``tp``."""
+    """Parameters on one rank of the images branch (the encoder's layers up to its feature layer
+    + MLP projector) at ``tp``."""
     hidden, patch = cfg.hidden_size, cfg.patch_size
-    layers = cfg.num_layers * _transformer_layer(hidden, cfg.ffn_hidden_size, tp)
+    layers = cfg.built_layers * _transformer_layer(hidden, cfg.ffn_hidden_size, tp)
     if cfg.kind == "radio":
         positions = (2 * cfg.image_size // patch) ** 2  # RADIO's position grid covers 2x the image
         # RADIO's patch embedder is a column-parallel linear (no bias): split over TP
         stem = cfg.class_token_len * hidden + positions * hidden + 3 * patch * patch * hidden // tp
     else:
-        stem = _norm(hidden, True) + 3 * patch * patch * hidden + cfg.grid ** 2 * hidden
-    projector = _mlp(language_hidden, cfg.ffn_hidden_size, tp, cfg.projector_input_size)
+        tokens = cfg.grid ** 2 + cfg.class_tokens
+        conv_bias = hidden if cfg.kind == "siglip" else 0  # SigLIP: conv bias, no ln_pre
+        ln_pre = 0 if cfg.kind == "siglip" else _norm(hidden, True)
+        stem = (ln_pre + 3 * patch * patch * hidden + conv_bias + tokens * hidden
+                + cfg.class_tokens * hidden)
+    projector = _mlp(language_hidden, cfg.projector_ffn, tp, cfg.projector_input_size)
     return stem + layers + projector
 
 

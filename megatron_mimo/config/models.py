@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from megatron_mimo.errors import require as _require
 from megatron_mimo.errors import require_positive as _require_positive
 
-IMAGES_KINDS = ("vit", "radio")
+IMAGES_KINDS = ("vit", "clip", "siglip", "radio")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+"""MLP activations of the image encoder: exact GELU, CLIP's quick GELU (x * sigmoid(1.702 x)),
+SigLIP's tanh-approximated GELU."""
 LANGUAGE_KINDS = ("gpt", "mamba_hybrid")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("rope",)
@@ -34,6 +37,9 @@ class TransformerSizes:
     """Dropout after attention and MLP."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every LayerNorm/RMSNorm (pretrained models fix it: CLIP 1e-5, SigLIP and
+    Llama 2 1e-6)."""
 
     def _validate_sizes(self, owner: str, kind: str, kinds: tuple[str, ...], **extra: int) -> None:
         _require(kind in kinds, f"{owner}.kind must be one of {kinds}, got {kind!r}")
@@ -46,6 +52,8 @@ class TransformerSizes:
         for name in ("hidden_dropout", "attention_dropout"):
             _require(0.0 <= getattr(self, name) < 1.0,
                      f"{owner}.{name} must lie in [0, 1), got {getattr(self, name)}")
+        _require(0 < self.norm_epsilon < 1, f"{owner}.norm_epsilon must lie in (0, 1), got "
+                                            f"{self.norm_epsilon}")
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,9 @@ class ImagesModelConfig(TransformerSizes):
     """Image encoder (ViT or RADIO) and its projector into the language hidden size."""
 
     kind: str = "vit"
-    """Encoder family: 'vit' (CLIP-style ViT) or 'radio'."""
+    """Encoder family: 'vit' (CLIP-style ViT without class token), 'clip' (CLIP's vision tower:
+    one class token, dropped before the projector), 'siglip' (SigLIP's vision tower) or
+    'radio'."""
     image_size: int = 32
     """Square input image side in pixels."""
     patch_size: int = 8
@@ -63,6 +73,15 @@ class ImagesModelConfig(TransformerSizes):
     pixel_shuffle: int = 1
     """Merge each SxS block of patch embeddings into one token (S^2 x channels) before the
     projector; RADIO-based VLMs use 2."""
+    activation: str = "gelu"
+    """MLP activation of the encoder layers: gelu, quick_gelu (OpenAI CLIP) or gelu_tanh
+    (SigLIP)."""
+    feature_layer: int = -1
+    """Encoder layer whose output feeds the projector, counted from the end: -1 the last, -2 the
+    penultimate (LLaVA's choice); only the layers up to it are built."""
+    projector_ffn_hidden_size: int | None = None
+    """Hidden size of the 2-layer projector (LLaVA: the language hidden size); None = the
+    encoder's ffn_hidden_size."""
 
     def __post_init__(self) -> None:
         self._validate_sizes("images", self.kind, IMAGES_KINDS, image_size=self.image_size,
@@ -73,6 +92,29 @@ class ImagesModelConfig(TransformerSizes):
                  f"images patch grid {self.image_size // self.patch_size} must divide by "
                  f"pixel_shuffle {self.pixel_shuffle}")
         _require(self.class_token_len >= 0, f"images.class_token_len must be >= 0, got {self.class_token_len}")
+        _require(self.activation in ACTIVATIONS, f"images.activation must be one of "
+                                                 f"{ACTIVATIONS}, got {self.activation!r}")
+        _require(-self.num_layers <= self.feature_layer <= -1, (
+            f"images.feature_layer must lie in [-{self.num_layers}, -1] (counted from the last of "
+            f"num_layers {self.num_layers}), got {self.feature_layer}"))
+        _require(self.projector_ffn_hidden_size is None or self.projector_ffn_hidden_size >= 1,
+                 f"images.projector_ffn_hidden_size must be >= 1, got "
+                 f"{self.projector_ffn_hidden_size}")
+
+    @property
+    def built_layers(self) -> int:
+        """Encoder layers built: those up to ``feature_layer``."""
+        return self.num_layers + 1 + self.feature_layer
+
+    @property
+    def class_tokens(self) -> int:
+        """Leading tokens of the encoder output that are not patches (dropped)."""
+        return {"radio": self.class_token_len, "clip": 1}.get(self.kind, 0)
+
+    @property
+    def projector_ffn(self) -> int:
+        """Hidden size of the projector."""
+        return self.projector_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def grid(self) -> int:
@@ -97,7 +139,10 @@ class LanguageModelConfig(TransformerSizes):
     kind: str = "gpt"
     """Language family: 'gpt' or 'mamba_hybrid'."""
     vocab_size: int = 256
-    """Vocabulary size (the image placeholder token is vocab_size - 1)."""
+    """Vocabulary size of the model (an imported one is padded to a multiple of 128)."""
+    image_token: int | None = None
+    """Token id that marks where image embeddings go (LLaVA: the tokenizer's '<image>');
+    None = vocab_size - 1."""
     seq_length: int = 48
     """Tokens per sample, image placeholder tokens included."""
     hybrid_pattern: str = "M*M-"
@@ -133,6 +178,9 @@ class LanguageModelConfig(TransformerSizes):
         _require(set(self.hybrid_pattern) <= set("M*-") and self.hybrid_pattern != "",
                  f"language.hybrid_pattern may hold only 'M', '*', '-', got {self.hybrid_pattern!r}")
         self._validate_gpt_options()
+        _require(self.image_token is None or 0 <= self.image_token < self.vocab_size,
+                 f"language.image_token {self.image_token} must lie in [0, vocab_size "
+                 f"{self.vocab_size})")
         if self.kind == "mamba_hybrid":
             _require(len(self.hybrid_pattern) == self.num_layers, (
                 f"language.hybrid_pattern {self.hybrid_pattern!r} has {len(self.hybrid_pattern)} "
@@ -179,4 +227,4 @@ class LanguageModelConfig(TransformerSizes):
     @property
     def image_token_id(self) -> int:
         """Token id that marks where image embeddings go."""
-        return self.vocab_size - 1
+        return self.vocab_size - 1 if self.image_token is None else self.image_token

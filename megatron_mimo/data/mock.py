@@ -55,6 +55,7 @@ class MockImageText:
         for index in indices:
             cls = self.image_class(index)
             text = (torch.arange(text_len) + cls * 7) % vocab_for_text + 1
+            text += text >= self.language.image_token_id  # never the image token (any id)
             image = torch.full((image_len,), self.language.image_token_id)
             rows.append(torch.cat([torch.tensor([BOS_TOKEN]), image, text]))
         input_ids = torch.stack(rows)

@@ -44,7 +44,7 @@ def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.dev
     weight, so any TP gives the same model); in bf16/fp16 the branch is then cast by megatron's
     ``Float16Module``, which reads ``bf16``/``fp16`` from this config."""
     on_gpu = device.type == "cuda"
-    return TransformerConfig(
+    fields = dict(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         num_layers=shape.num_layers,
@@ -53,6 +53,7 @@ def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.dev
         ffn_hidden_size=shape.ffn_hidden_size,
         hidden_dropout=shape.hidden_dropout,
         attention_dropout=shape.attention_dropout,
+        layernorm_epsilon=shape.norm_epsilon,
         tensor_model_parallel_size=tp,
         params_dtype=torch.float32,
         pipeline_dtype=TORCH_DTYPES[precision],
@@ -67,5 +68,5 @@ def build_transformer_config(shape: TransformerSizes, tp: int, device: torch.dev
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         **pipeline_overrides(pp),
-        **overrides,
     )
+    return TransformerConfig(**{**fields, **overrides})

@@ -1,6 +1,11 @@
-"""Images branch: a ViT backbone (megatron-core ``CLIPViTModel``, or ``RADIOViTModel`` for
-RADIO), class tokens dropped, optional pixel shuffle, then an MLP projector into the language
-hidden size. One image fills exactly ``num_image_tokens`` image-token slots of the text.
+"""Images branch: a ViT backbone (megatron-core ``CLIPViTModel`` for our ViT, CLIP and SigLIP
+towers, ``RADIOViTModel`` for RADIO) cut at its feature layer, class tokens dropped, optional
+pixel shuffle, then a 2-layer GELU MLP projector into the language hidden size. One image fills
+exactly ``num_image_tokens`` image-token slots of the text.
+
+LLaVA's conventions, which pretrained weights are only correct under: features are the output
+of the feature layer (the penultimate for CLIP) before any final norm, CLIP's class token is
+computed and then dropped, SigLIP has no class token and its final norm is not applied.
 """
 
 from __future__ import annotations
@@ -8,7 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
+from megatron.core.activations import quick_gelu
 from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -79,10 +86,32 @@ def local_vit_layer_spec() -> ModuleSpec:
                                             sharded_state_dict_keys_map=dict(TE_NORM_KEYS)))
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (SigLIP's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
+"""``--encoder-activation`` -> the function megatron-core's MLP applies."""
+
+
+class NoNorm(torch.nn.Identity):
+    """Stands in for the final norm of SigLIP's tower, which LLaVA does not apply to the features
+    (its weights stay with the imported files, see ``convert``)."""
+
+    def __init__(self, config=None, hidden_size: int | None = None, eps: float | None = None):
+        super().__init__()
+
+
 def backbone_spec(cfg: ImagesModelConfig, tp: int, pgs: ProcessGroupCollection,
                   device: torch.device, precision: str = "fp32") -> ModuleSpec:
-    """CLIP-style ViT (no class token) or RADIO ViT (``class_token_len`` class tokens, CPE)."""
-    config = build_transformer_config(cfg, tp, device, precision)
+    """The encoder up to its feature layer: our ViT (no class token), CLIP (one class token,
+    ``ln_pre``), SigLIP (conv bias, no class token) or RADIO (``class_token_len`` class tokens,
+    CPE)."""
+    activation = ACTIVATIONS[cfg.activation]
+    config = build_transformer_config(
+        cfg, tp, device, precision, num_layers=cfg.built_layers, activation_func=activation,
+        bias_activation_fusion=device.type == "cuda" and activation is F.gelu)
     layer_spec, norm = _layer_spec_and_norm(device)
     common = {"transformer_config": config, "transformer_layer_spec": layer_spec,
               "patch_dim": cfg.patch_size, "img_h": cfg.image_size, "img_w": cfg.image_size,
@@ -92,13 +121,13 @@ def backbone_spec(cfg: ImagesModelConfig, tp: int, pgs: ProcessGroupCollection,
             **common, "add_class_token": cfg.class_token_len > 0,
             "class_token_len": cfg.class_token_len, "max_img_h": 2 * cfg.image_size,
             "max_img_w": 2 * cfg.image_size, "has_cpe": True})
+    if cfg.kind == "siglip":
+        return ModuleSpec(module=CLIPViTModel, params={
+            **common, "model_subtype": "siglip", "ln_post_impl": NoNorm,
+            "add_class_token": False, "class_token_len": 0})
     return ModuleSpec(module=CLIPViTModel, params={
-        **common, "ln_pre_impl": norm, "add_class_token": False, "class_token_len": 0})
-
-
-def class_tokens_of(cfg: ImagesModelConfig) -> int:
-    """Leading tokens of the backbone output that are not patches."""
-    return cfg.class_token_len if cfg.kind == "radio" else 0
+        **common, "ln_pre_impl": norm, "add_class_token": cfg.class_tokens > 0,
+        "class_token_len": cfg.class_tokens})
 
 
 def images_submodule_spec(cfg: ImagesModelConfig, language_hidden_size: int, tp: int,
@@ -106,12 +135,12 @@ def images_submodule_spec(cfg: ImagesModelConfig, language_hidden_size: int, tp:
                           precision: str = "fp32") -> ModuleSpec:
     """ModuleSpec of the images branch for ``MimoModel`` (encoder + 2-layer MLP projector)."""
     encoder = ModuleSpec(module=PatchTokens, params={
-        "backbone": backbone_spec(cfg, tp, pgs, device, precision), "class_tokens": class_tokens_of(cfg),
+        "backbone": backbone_spec(cfg, tp, pgs, device, precision), "class_tokens": cfg.class_tokens,
         "pixel_shuffle": cfg.pixel_shuffle, "grid": cfg.grid,
         "tp_group": pgs.tp if pgs is not None else None})
     projector_config = build_transformer_config(
         TransformerSizes(num_layers=1, hidden_size=language_hidden_size,
-                         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size),
+                         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.projector_ffn),
         tp, device, precision)
     projector = ModuleSpec(module=MultimodalProjector, params={
         "config": projector_config,
