@@ -118,6 +118,10 @@ class DataConfig:
 
     data_path: str | None = None
     """Energon dataset folder of image-caption samples (e.g. from `megatron-mimo data prepare-digits`)."""
+    tokenizer_model: str | None = None
+    """Folder of a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json) that tokenizes
+    the --data-path captions instead of the dataset's word list; its '<image>' id must be
+    --image-token-id."""
     num_workers: int = 0
     """Energon worker processes per reader (0 = read in the training process)."""
     blank_images: bool = False
@@ -125,6 +129,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.tokenizer_model is None or self.data_path is not None,
+                 "data.tokenizer_model tokenizes the captions of data.data_path: give both (mock "
+                 "samples have no captions)")
 
 
 @dataclass(frozen=True)

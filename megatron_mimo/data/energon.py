@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_mimo.data.tokenizer import SequenceLayout, WordTokenizer
+from megatron_mimo.data.tokenizer import CaptionTokenizer, SequenceLayout, WordTokenizer
 from megatron_mimo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class SampleFormat:
 
     image_size: int
     layout: SequenceLayout
-    tokenizer: WordTokenizer
+    tokenizer: CaptionTokenizer
 
     def pixels(self, image: torch.Tensor, key: str) -> torch.Tensor:
         """``[3, S, S]`` normalised; other sizes are resized (any dataset trains, not only ours)."""
@@ -52,7 +52,8 @@ class SampleFormat:
 
     def encode(self, key: str, image: torch.Tensor, caption: str) -> dict[str, Any]:
         """One sample's tensors, plus its key (what tests and logs identify it by)."""
-        text = self.layout.build(self.tokenizer.encode(caption, key), key)
+        ids, answer = self.tokenizer.encode_with_answer(caption, key)
+        text = self.layout.build(ids, key, answer)
         return {"key": key, "pixels": self.pixels(image, key), **text}
 
 
@@ -151,15 +152,28 @@ def _own_generator(loader, spec: ViewSpec):
 
 
 def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_tokens: int,
-                      image_token_id: int) -> SampleFormat:
-    """The dataset's tokenizer checked against the language vocabulary."""
-    tokenizer = WordTokenizer.load(path)
-    if tokenizer.vocab_size > image_token_id:
-        raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words but "
-                        f"ids from {image_token_id} up are reserved (--vocab-size "
-                        f"{image_token_id + 1}): raise --vocab-size")
-    return SampleFormat(image_size, SequenceLayout(seq_length, num_image_tokens, image_token_id),
-                        tokenizer)
+                      image_token_id: int, tokenizer_model: str | None = None,
+                      vocab_size: int | None = None) -> SampleFormat:
+    """The captions' tokenizer checked against the language vocabulary: the Hugging Face one
+    of ``tokenizer_model`` (``--tokenizer-model``) if given, else the dataset's word list.
+
+    ``vocab_size`` is the model's (None: ``image_token_id + 1``, the placeholder is the last id).
+    """
+    tokenizer: CaptionTokenizer
+    if tokenizer_model is None:
+        tokenizer = WordTokenizer.load(path)
+        if tokenizer.vocab_size > image_token_id:
+            raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words "
+                            f"but ids from {image_token_id} up are reserved (--vocab-size "
+                            f"{image_token_id + 1}): raise --vocab-size")
+    else:
+        from megatron_mimo.data.hf_tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer.load(tokenizer_model)
+        tokenizer.check_model(image_token_id,
+                              image_token_id + 1 if vocab_size is None else vocab_size)
+    layout = SequenceLayout.for_tokenizer(tokenizer, seq_length, num_image_tokens, image_token_id)
+    return SampleFormat(image_size, layout, tokenizer)
 
 
 def start_loaders(loaders: list) -> list:

@@ -11,6 +11,9 @@ Sequence of one sample (``seq_length`` tokens)::
 Labels are the next token; the loss covers the caption words and EOS. The *answer* is the last
 caption word (the digit of ``"the digit seven"``): accuracy is the argmax at the position whose
 label is that word.
+
+A Hugging Face tokenizer (``--tokenizer-model``, :mod:`megatron_mimo.data.hf_tokenizer`) serves
+the same :class:`CaptionTokenizer` protocol, so the layout never depends on which one is used.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -29,11 +33,35 @@ SPECIAL_WORDS = ("<bos>", "<eos>", "<pad>")
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 
 
+class CaptionTokenizer(Protocol):
+    """What a sample's layout needs of a tokenizer (word list or Hugging Face)."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    image_token_id: int | None
+    """Id of the image placeholder in this vocabulary; None: the model's (``--image-token-id``)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, caption: str, key: str = "?") -> list[int]: ...
+
+    def encode_with_answer(self, caption: str, key: str = "?") -> tuple[list[int], int]:
+        """The caption's ids and the index among them of the answer's first token."""
+        ...
+
+
 @dataclass(frozen=True)
 class WordTokenizer:
     """Words -> ids by position in ``words`` (the special words come first)."""
 
     words: tuple[str, ...]
+    bos_id: ClassVar[int] = BOS_ID
+    eos_id: ClassVar[int] = EOS_ID
+    pad_id: ClassVar[int] = PAD_ID
+    image_token_id: ClassVar[int | None] = None
+    """The word list has no image word: the model's placeholder id (above every word) is used."""
 
     @classmethod
     def from_captions(cls, captions: list[str]) -> WordTokenizer:
@@ -80,30 +108,51 @@ class WordTokenizer:
             raise DataError(f"sample {key}: word {error.args[0]!r} of caption {caption!r} is not "
                             f"in the dataset's tokenizer ({self.vocab_size} words)") from None
 
+    def encode_with_answer(self, caption: str, key: str = "?") -> tuple[list[int], int]:
+        """The caption's ids; the answer is the last one (one id per word)."""
+        ids = self.encode(caption, key)
+        return ids, len(ids) - 1
+
 
 @dataclass(frozen=True)
 class SequenceLayout:
-    """Where the image and caption go in a ``seq_length`` sequence."""
+    """Where the image and caption go in a ``seq_length`` sequence, with the tokenizer's own
+    special ids (a Llama vocabulary has BOS 1, EOS 2, no pad: pad = EOS)."""
 
     seq_length: int
     num_image_tokens: int
     image_token_id: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
 
-    def build(self, caption_ids: list[int], key: str = "?") -> dict[str, torch.Tensor]:
-        """input_ids, labels, loss_mask, position_ids and answer_position of one sample."""
-        text = caption_ids + [EOS_ID]
+    @classmethod
+    def for_tokenizer(cls, tokenizer: CaptionTokenizer, seq_length: int, num_image_tokens: int,
+                      image_token_id: int) -> SequenceLayout:
+        """The layout of ``tokenizer``'s ids; ``image_token_id`` is the model's placeholder."""
+        return cls(seq_length, num_image_tokens, image_token_id, tokenizer.bos_id,
+                   tokenizer.eos_id, tokenizer.pad_id)
+
+    def build(self, caption_ids: list[int], key: str = "?",
+              answer_index: int | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, labels, loss_mask, position_ids and answer_position of one sample.
+
+        ``answer_index`` is the caption id the accuracy is measured on (default: the last);
+        ``answer_position`` is the position whose label is that id."""
+        text = caption_ids + [self.eos_id]
         used = 1 + self.num_image_tokens + len(text)
         if used > self.seq_length or not caption_ids:
-            raise DataError(f"sample {key}: caption of {len(caption_ids)} words needs "
+            raise DataError(f"sample {key}: caption of {len(caption_ids)} tokens needs "
                             f"{used} tokens with the image, --seq-length is {self.seq_length}")
-        input_ids = torch.full((self.seq_length,), PAD_ID, dtype=torch.long)
-        input_ids[0] = BOS_ID
+        answer = len(caption_ids) - 1 if answer_index is None else answer_index
+        input_ids = torch.full((self.seq_length,), self.pad_id, dtype=torch.long)
+        input_ids[0] = self.bos_id
         input_ids[1:1 + self.num_image_tokens] = self.image_token_id
         start = 1 + self.num_image_tokens
         input_ids[start:start + len(text)] = torch.tensor(text)
         labels = torch.roll(input_ids, -1)
         loss_mask = torch.zeros(self.seq_length)
-        loss_mask[start - 1:start - 1 + len(text)] = 1.0  # positions whose label is a caption word/EOS
+        loss_mask[start - 1:start - 1 + len(text)] = 1.0  # positions whose label is a caption id/EOS
         return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
                 "position_ids": torch.arange(self.seq_length),
-                "answer_position": torch.tensor(start + len(caption_ids) - 2)}
+                "answer_position": torch.tensor(start + answer - 1)}
