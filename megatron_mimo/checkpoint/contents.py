@@ -280,7 +280,10 @@ def summary(pieces: Pieces) -> dict[str, Any]:
 def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerprint: str,
                  config: dict[str, Any], precision: str,
                  progress: dict[str, Any]) -> dict[str, Any]:
-    """Small description of a checkpoint, identical on every rank (common state + JSON file)."""
+    """Small description of a checkpoint, identical on every rank (common state + JSON file).
+
+    ``model`` records the two model sections of ``config`` so that a run loading the checkpoint
+    builds the architecture its weights belong to without repeating the model flags."""
     from megatron.core import __version__ as mcore_version
 
     return {
@@ -292,4 +295,5 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
         "precision": precision,
         "contents": sorted(contents.names()), "config_name": config.get("name"),
         "summary": progress,
+        "model": {section: config[section] for section in ("images", "language")},
     }

@@ -310,7 +310,28 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             logger.info("loaded checkpoint %s (iteration %d) in %.2f s", directory, iteration,
                         self.last_load_seconds)
+        self._carry_sidecar()
         return iteration
+
+    def _carry_sidecar(self) -> None:
+        """Copy the loaded root's ``hf/`` side files to --save (rank 0), so the checkpoints this
+        run writes can be exported too; the world agrees on a failure (one error everywhere)."""
+        if not self.ckpt.save:
+            return
+        load, save = Path(self.ckpt.load), Path(self.ckpt.save)
+        if save.resolve() == load.resolve():
+            return
+        error = None
+        if dist.get_rank() == 0:
+            try:
+                if storage.carry_sidecar(load, save):
+                    logger.info("copied %s to %s", load / storage.SIDECAR_DIRNAME, save)
+            except OSError as failure:
+                error = (f"cannot copy {load / storage.SIDECAR_DIRNAME} to {save} "
+                         f"({type(failure).__name__}: {failure})")
+        errors = [e for e in self._exchange("checkpoint load: hf side files", error) if e]
+        if errors:
+            raise CheckpointError(errors[0])
 
     def _verify(self, directory: Path, manifest: dict[str, Any]) -> None:
         """Every file's checksum against the manifest; each rank reads its share of the files,

@@ -5,6 +5,7 @@ and a file check that names the broken file before megatron-core reads it.
     <save>/iter_0000NNN/                         one complete checkpoint
         common.pt  metadata.json  .metadata  __*_*.distcp  mimo_manifest.json
     <save>/.tmp_iter_0000NNN/                    a checkpoint being written (never loaded)
+    <save>/hf/                                   Hugging Face side files of an imported model
 
 A checkpoint is written into the temporary directory, finalised by every rank, renamed into
 place, and only then is the tracker rewritten (itself through a temporary file and a rename).
@@ -25,6 +26,9 @@ from megatron_mimo.errors import CheckpointError
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 MANIFEST_FILENAME = "mimo_manifest.json"
 TMP_PREFIX = ".tmp_"
+SIDECAR_DIRNAME = "hf"
+"""Folder next to the ``iter_*`` directories holding what an import from Hugging Face keeps for
+the export (config.json, tokenizer, tensors the model does not use); not a checkpoint."""
 
 
 def iteration_dirname(iteration: int) -> str:
@@ -97,6 +101,24 @@ def remove_stale(root: str | Path) -> list[str]:
             path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed
+
+
+def carry_sidecar(load_root: str | Path, save_root: str | Path) -> bool:
+    """Copy ``load_root/hf`` to ``save_root/hf`` unless the latter exists (never overwritten), so
+    checkpoints trained from an imported one can still be exported; return whether it copied.
+    The copy goes to a ``.tmp_`` sibling first and is renamed into place: a crash leaves no
+    partial ``hf/`` (the leftover is removed by :func:`remove_stale`)."""
+    source, target = Path(load_root) / SIDECAR_DIRNAME, Path(save_root) / SIDECAR_DIRNAME
+    if not source.is_dir() or target.exists():
+        return False
+    staging = target.with_name(TMP_PREFIX + SIDECAR_DIRNAME)
+    if staging.exists():
+        shutil.rmtree(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, staging)
+    os.replace(staging, target)
+    _fsync_dir(target.parent)
+    return True
 
 
 def published_iterations(root: str | Path) -> list[int]:

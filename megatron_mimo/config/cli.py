@@ -18,9 +18,11 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_mimo.config.from_checkpoint import checkpoint_model
 from megatron_mimo.config.memory import format_memory
 from megatron_mimo.config.presets import PRESETS, get_preset
 from megatron_mimo.config.schema import SECTION_TYPES, MimoConfig
+from megatron_mimo.errors import ConfigError
 
 SECTION_PREFIX: dict[str, str] = {
     "images_parallel": "encoder-",
@@ -34,6 +36,7 @@ meet Megatron's flag names (``--encoder-*``, ``--llm-*``)."""
 FLAG_RENAMES: dict[tuple[str, str], str] = {
     ("language", "kind"): "--llm-kind",
     ("language", "hybrid_pattern"): "--hybrid-override-pattern",
+    ("language", "image_token"): "--image-token-id",
     ("optimizer", "images_lr"): "--encoder-lr",
     ("optimizer", "images_min_lr"): "--encoder-min-lr",
 }
@@ -157,10 +160,20 @@ def apply_overrides(cfg: MimoConfig, overrides: dict[str, Any]) -> MimoConfig:
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[MimoConfig, argparse.Namespace]:
-    """Parse ``argv`` into a validated config (raises ConfigError on bad values)."""
+    """Parse ``argv`` into a validated config (raises ConfigError on bad values).
+
+    With a checkpoint to load, the model sections come from its manifest instead of the preset
+    (the weights fix them); explicit flags apply on top and may change runtime fields only."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if "." in k}
-    return apply_overrides(get_preset(args.config), overrides), args
+    preset = get_preset(args.config)
+    try:
+        model = checkpoint_model(overrides.get("checkpoint.load", preset.checkpoint.load),
+                                 overrides.get("checkpoint.ckpt_step", preset.checkpoint.ckpt_step),
+                                 overrides)
+    except ConfigError as error:  # name the flags the user typed, not the config fields
+        raise ConfigError(name_flags(str(error))) from None
+    return apply_overrides(preset, {**model, **overrides}), args
 
 
 def config_to_argv(cfg: MimoConfig) -> list[str]:
