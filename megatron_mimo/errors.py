@@ -32,3 +32,7 @@ def require_positive(owner: str, **values: int) -> None:
     """Raise ConfigError naming ``owner.field`` for any value that is not an int >= 1."""
     for name, value in values.items():
         require(isinstance(value, int) and value >= 1, f"{owner}.{name} must be >= 1, got {value}")
+
+
+class ConvertError(MimoError, ValueError):
+    """A Hugging Face directory cannot be converted as asked; the message names the file."""

@@ -16,7 +16,14 @@ import torch.distributed as dist
 from megatron.core.hyper_comm_grid import HyperCommGrid
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_mimo.config.layout import GRID_DIMS, BranchSpec, branch_of, check_layout
+from megatron_mimo.config.layout import (
+    GRID_DIMS,
+    LANGUAGE,
+    BranchSpec,
+    ParallelismConfig,
+    branch_of,
+    check_layout,
+)
 
 EXPERT_VIEW = "expert"
 """View name megatron-core's ``get_mimo_optimizer`` reads expert groups from."""
@@ -187,3 +194,12 @@ def build_topology(specs: Sequence[BranchSpec], *, backend: str | None = None,
         pgs = _collection(grid, embd, pos_embd) if member else None
         topology.branches[spec.name] = BranchTopology(spec=spec, grid=grid, pgs=pgs)
     return topology
+
+
+def single_rank_groups(backend: str | None = None) -> ProcessGroupCollection:
+    """Every process group of a one-rank world (one process runs the whole model: conversion,
+    generation). Collective over that world of one."""
+    if dist.get_world_size() != 1:
+        raise RuntimeError(f"single_rank_groups needs a world of 1 rank, not {dist.get_world_size()}")
+    grid = _build_grid(ParallelismConfig().spec(LANGUAGE), backend, None)
+    return _collection(grid, *_embedding_groups(grid, backend))
