@@ -32,7 +32,15 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 $(DATA)/.nv-meta/dataset.yaml: | $(STAMP)
 	$(VENV)/bin/megatron-mimo data prepare-digits $(DATA)
 
-train: $(STAMP) $(DATA)/.nv-meta/dataset.yaml
+# CONFIG=llava_digits_cpu fine-tunes an imported Hugging Face LLaVA: a tiny random one is written
+# and imported once (no download), as a downloaded model would be.
+TINY_LLAVA := runs/tiny-llava
+$(TINY_LLAVA)/ckpt/latest_checkpointed_iteration.txt: | $(STAMP)
+	$(PY) examples/tiny_llava.py $(TINY_LLAVA)/hf > /dev/null
+	$(VENV)/bin/megatron-mimo convert import-hf $(TINY_LLAVA)/hf $(TINY_LLAVA)/ckpt
+
+train: $(STAMP) $(DATA)/.nv-meta/dataset.yaml \
+       $(if $(filter llava_digits_cpu,$(CONFIG)),$(TINY_LLAVA)/ckpt/latest_checkpointed_iteration.txt)
 	@OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) \
 	  examples/pretrain_hetero_mimo.py --config $(CONFIG) --data-path $(DATA) $(ARGS)
 

@@ -9,6 +9,7 @@ from megatron_mimo.config.layout import ParallelismConfig
 from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
 from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import (
+    CheckpointConfig,
     DataConfig,
     LoggingConfig,
     MimoConfig,
@@ -68,15 +69,47 @@ def digits_cpu() -> MimoConfig:
     )
 
 
+TINY_LLAVA = "runs/tiny-llava"
+"""Where `make train CONFIG=llava_digits_cpu` writes a tiny random Hugging Face LLaVA
+(``hf/``) and imports it (``ckpt/``)."""
+
+
+def llava_digits_cpu() -> MimoConfig:
+    """`make train CONFIG=llava_digits_cpu`: digits_cpu's recipe, starting from an imported
+    Hugging Face LLaVA (CLIP tower, Llama LLM) with its own tokenizer, the way a pretrained model
+    is fine-tuned. The model comes from the checkpoint; the sections here describe the tiny one
+    for ``--dry-run`` before it is imported."""
+    base = digits_cpu()
+    return replace(
+        base, name="llava_digits_cpu",
+        images=ImagesModelConfig(kind="clip", num_layers=3, hidden_size=64, num_attention_heads=4,
+                                 ffn_hidden_size=128, image_size=32, patch_size=8,
+                                 activation="quick_gelu", feature_layer=-2,
+                                 projector_ffn_hidden_size=64),
+        language=LanguageModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                                     ffn_hidden_size=128, vocab_size=128, image_token=4,
+                                     seq_length=48, normalization="RMSNorm", swiglu=True,
+                                     num_query_groups=2, disable_bias_linear=True,
+                                     norm_epsilon=1e-6, untie_embeddings_and_output_weights=True),
+        data=replace(base.data, tokenizer_model=f"{TINY_LLAVA}/ckpt/hf"),
+        checkpoint=CheckpointConfig(load=f"{TINY_LLAVA}/ckpt", finetune=True,
+                                    save="runs/llava-digits/ckpt"),
+        training=replace(base.training, eval_interval=200),
+    )
+
+
 def llava_8gpu() -> MimoConfig:
-    """8 GPUs, LLaVA-1.5-like: ViT-L/14-336 at TP2xDP2 on ranks 0-3, a Llama-2/Vicuna-7B shaped
+    """8 GPUs, LLaVA-1.5-like: CLIP ViT-L/14-336 (features of its penultimate layer) at TP2xDP2
+    on ranks 0-3, a Llama-2/Vicuna-7B shaped
     LLM (RMSNorm, SwiGLU, RoPE, no biases, untied output layer) at TP4 on ranks 4-7."""
     return MimoConfig(
         name="llava_8gpu",
         images_parallel=ParallelismConfig(tp=2, dp=2, offset=0),
         language_parallel=ParallelismConfig(tp=4, dp=1, offset=4),
-        images=ImagesModelConfig(num_layers=24, hidden_size=1024, num_attention_heads=16,
-                                   ffn_hidden_size=4096, image_size=336, patch_size=14),
+        images=ImagesModelConfig(kind="clip", num_layers=24, hidden_size=1024,
+                                 num_attention_heads=16, ffn_hidden_size=4096, image_size=336,
+                                 patch_size=14, activation="quick_gelu", feature_layer=-2,
+                                 projector_ffn_hidden_size=4096),
         language=LanguageModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
                                      ffn_hidden_size=11008, vocab_size=32000, seq_length=2048,
                                      normalization="RMSNorm", swiglu=True,
@@ -149,6 +182,7 @@ PRESETS: dict[str, Callable[[], MimoConfig]] = {
     "tiny_cpu": tiny_cpu,
     "tiny_cpu_nemotron": tiny_cpu_nemotron,
     "digits_cpu": digits_cpu,
+    "llava_digits_cpu": llava_digits_cpu,
     "tiny_cpu_pp": tiny_cpu_pp,
     "llava_8gpu": llava_8gpu,
     "llava_8gpu_pp": llava_8gpu_pp,

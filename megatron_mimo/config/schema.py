@@ -279,8 +279,9 @@ class MimoConfig:
             f"language.seq_length {self.language.seq_length} must exceed the image tokens per "
             f"sample + 1 ({self.images.num_image_tokens + 1})"))
         _require(self.language.query_groups % self.language_parallel.tp == 0, (
-            f"language branch: num_query_groups {self.language.query_groups} must divide by tp "
-            f"{self.language_parallel.tp} (each TP rank holds whole key/value heads)"))
+            f"language.num_query_groups {self.language.query_groups} must divide by "
+            f"language_parallel.tp {self.language_parallel.tp} (each TP rank holds whole "
+            f"key/value heads)"))
         if self.language.kind == "mamba_hybrid":
             tp = self.language_parallel.tp
             _require(self.language.mamba_num_groups % tp == 0 and self.language.mamba_num_heads % tp == 0,

@@ -52,8 +52,9 @@ def test_bad_input_is_one_line_and_exit_code_1(converted):
 
 
 LAYOUTS = {
-    # images TP1xDP2 on ranks 0-1, language TP2 (2 of 4 key/value groups... per rank) on 2-3
-    "images_dp2_language_tp2": (4, {}),
+    # images TP1xDP2 on ranks 0-1, language TP2 (one of the two key/value groups per rank) on
+    # ranks 2-3; then 2 training steps and a save, which the export test reads
+    "images_dp2_language_tp2": (4, {"training.train_iters": 2}),
     # language in two pipeline stages on ranks 1-2
     "language_pp2": (3, {"images_parallel.dp": 1, "language_parallel.tp": 1,
                          "language_parallel.pp": 2, "language_parallel.offset": 1}),
@@ -73,6 +74,8 @@ def test_logits_at_hetero_layouts_match_transformers(converted, layout):
     tmp, _ = converted
     world, overrides = LAYOUTS[layout]
     overrides = {"training.micro_batch_size": 2, "training.global_batch_size": 4, **overrides}
+    if "training.train_iters" in overrides:
+        overrides["checkpoint.save"] = str(tmp / "trained")
     ranks = run_world(MODULE, world, {"mode": "layout", "checkpoint": str(tmp / "clip-ckpt"),
                                       "overrides": overrides}, timeout=300)
     pixels = {k: p for r in ranks if r.branch == "images" for k, p in zip(r.keys, r.pixels, strict=True)}
@@ -84,3 +87,33 @@ def test_logits_at_hetero_layouts_match_transformers(converted, layout):
                                     torch.tensor([pixels[k] for k in last.keys]))
     error = (ours[..., :reference.shape[-1]] - reference).abs().max().item()
     assert error < TOLERANCE, (layout, error)
+
+
+def test_export_after_training_differs_and_loads(converted):
+    """The run trained at TP2 from the import: its checkpoint carries hf/, exports to a LLaVA
+    that transformers loads with no missing key, and its weights moved."""
+    import subprocess
+    import sys
+
+    from tests.workers.convert_world import hf_state
+
+    tmp, _ = converted
+    trained = tmp / "trained"
+    if not trained.exists():
+        pytest.skip("needs test_logits_at_hetero_layouts_match_transformers[images_dp2_language_tp2]")
+    assert (trained / "hf" / "conversion.json").exists(), "the run did not carry hf/ along"
+    out = tmp / "trained-export"
+    done = subprocess.run([sys.executable, "-m", "megatron_mimo.main", "convert", "export-hf",
+                           str(trained), str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from transformers import LlavaForConditionalGeneration
+
+    _, info = LlavaForConditionalGeneration.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    before, after = hf_state(tmp / "clip"), hf_state(out)
+    assert sorted(before) == sorted(after)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "language_model.lm_head.weight" in changed and "multi_modal_projector.linear_1.weight" in changed
+    # the tower's unused last layer never trains: it comes back exactly
+    assert torch.equal(before["vision_tower.post_layernorm.weight"],
+                       after["vision_tower.post_layernorm.weight"])

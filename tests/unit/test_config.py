@@ -35,7 +35,7 @@ def test_every_preset_builds_and_round_trips_through_dict(name):
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ConfigError, match="known presets: digits_cpu, llava_8gpu, llava_8gpu_pp, "
+    with pytest.raises(ConfigError, match="known presets: digits_cpu, llava_8gpu, llava_8gpu_pp, llava_digits_cpu, "
                                           "nemotron_8gpu, tiny_cpu, tiny_cpu_nemotron, tiny_cpu_pp"):
         get_preset("nope")
 
@@ -91,7 +91,7 @@ LLAMA = {"normalization": "RMSNorm", "swiglu": True, "num_query_groups": 2,
 def test_llama_options_validate_against_the_layout():
     llama = _with(tiny_cpu(), "language", **LLAMA)  # 4 heads, 2 key/value groups, TP2
     assert llama.language.query_groups == 2
-    with pytest.raises(ConfigError, match=r"language branch: num_query_groups 1 must divide by tp 2"):
+    with pytest.raises(ConfigError, match=r"language.num_query_groups 1 must divide by language_parallel.tp 2"):
         _with(tiny_cpu(), "language", num_query_groups=1)
     with pytest.raises(ConfigError, match=r"num_query_groups 3 must divide num_attention_heads 4"):
         _with(tiny_cpu(), "language", num_query_groups=3)

@@ -244,3 +244,12 @@ def test_a_load_carries_the_sidecar_to_another_save_root(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"cannot copy .*imported/hf to .*other "
                                               r"\(OSError: full\)"):
         carry("imported", "other")
+
+
+def test_a_tp_that_does_not_divide_the_checkpoints_query_groups_is_one_line(tmp_path, capsys):
+    """The imported model has 2 key/value groups: --llm-tp 4 cannot split them."""
+    write_checkpoint(tmp_path, cfg=saved_config())
+    code = main(["--load", str(tmp_path), "--finetune", "--llm-tp", "4", "--dry-run"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "--num-query-groups 2 must divide by --llm-tp 4" in lines[0]

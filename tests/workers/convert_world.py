@@ -229,6 +229,11 @@ def layout(args: dict[str, Any]) -> LayoutLogits:
                 micro["input_ids"] = torch.where(ids == image, ids, low + ids % (high - low))
         trainer.job.model.eval()
         pipeline.pipeline_forward_backward(trainer.job, batches, forward_only=True)
+        trainer.job.model.train()
+        if cfg.checkpoint.save:  # train on, for the export to differ from the import
+            for _ in range(cfg.training.train_iters):
+                trainer.step()
+            trainer.save()
         keys = [k for micro in batches for k in micro["keys"]]
         if trainer.branch == IMAGES:
             pixels = torch.cat([m["pixels"] for m in batches])
