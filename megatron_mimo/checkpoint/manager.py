@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -77,6 +78,8 @@ class CheckpointManager:
         """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
         inside save/poll/wait; 'state', 'plan', 'write', 'publish' split the saves."""
         self.last_fingerprint: str | None = None
+        self.loaded_from: CheckpointConfig | None = None
+        """Flags of the last load (--pretrained-checkpoint's has --finetune on)."""
         self.last_save_seconds = self.last_load_seconds = 0.0
         self.loaded_optimizer_meta: dict[str, Any] = {}
         apply_process_workarounds(cpu=False)  # save queue, Adam step on a resharding load
@@ -262,14 +265,15 @@ class CheckpointManager:
 
     # -- load -----------------------------------------------------------------------------
 
-    def resolve_iteration(self) -> int | None:
+    def resolve_iteration(self, ckpt: CheckpointConfig | None = None) -> int | None:
         """Iteration to load: --ckpt-step, else the tracker; the world agrees on the MAX."""
-        if not self.ckpt.load:
+        ckpt = ckpt or self.ckpt
+        if not ckpt.load:
             return None
-        if self.ckpt.ckpt_step is not None:
-            mine = self.ckpt.ckpt_step
+        if ckpt.ckpt_step is not None:
+            mine = ckpt.ckpt_step
         else:
-            mine = storage.read_tracker(self.ckpt.load)
+            mine = storage.read_tracker(ckpt.load)
         values = self._exchange("checkpoint load: iteration", mine)
         found = [v for v in values if v is not None]
         if len(set(values)) > 1:
@@ -279,13 +283,13 @@ class CheckpointManager:
     def load(self) -> int | None:
         """Load the checkpoint chosen by --load/--ckpt-step into the pieces; return its iteration,
         or None when there is nothing to load. With --finetune only the weights are loaded."""
-        iteration = self.resolve_iteration()
+        ckpt, iteration = self._source()
         if iteration is None:
             if self.ckpt.load:
                 logger.info("no checkpoint found in %s: starting from scratch", self.ckpt.load)
             return None
         start = time.perf_counter()
-        directory = storage.checkpoint_dir(self.ckpt.load, iteration)
+        directory = storage.checkpoint_dir(ckpt.load, iteration)
         if not storage.is_complete(directory):
             raise CheckpointError(f"{directory} is missing or incomplete (no metadata.json or "
                                   f"{storage.MANIFEST_FILENAME})")
@@ -294,7 +298,7 @@ class CheckpointManager:
         storage.check_files(directory)
         if not self.ckpt.no_ckpt_verify:
             self._verify(directory, manifest)
-        contents = Contents.to_load(self.ckpt, manifest, self.topology, self.precision)
+        contents = Contents.to_load(ckpt, manifest, self.topology, self.precision)
         template = sharded_state(self.pieces, self.topology, contents, saving=False)
         try:
             loaded = dist_checkpointing.load(template, str(directory),
@@ -310,15 +314,29 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             logger.info("loaded checkpoint %s (iteration %d) in %.2f s", directory, iteration,
                         self.last_load_seconds)
-        self._carry_sidecar()
+        self._carry_sidecar(Path(ckpt.load))
+        self.loaded_from = ckpt
         return iteration
 
-    def _carry_sidecar(self) -> None:
+    def _source(self) -> tuple[CheckpointConfig, int | None]:
+        """What to load: --load's checkpoint, else --pretrained-checkpoint's, weights only."""
+        iteration = self.resolve_iteration()
+        pretrained = self.ckpt.pretrained_checkpoint
+        if iteration is not None or not pretrained:
+            return self.ckpt, iteration
+        ckpt = dataclasses.replace(self.ckpt, load=pretrained, ckpt_step=None, finetune=True)
+        iteration = self.resolve_iteration(ckpt)
+        if iteration is None:
+            raise CheckpointError(f"--pretrained-checkpoint {pretrained} holds no checkpoint "
+                                  f"(no {storage.TRACKER_FILENAME})")
+        return ckpt, iteration
+
+    def _carry_sidecar(self, load: Path) -> None:
         """Copy the loaded root's ``hf/`` side files to --save (rank 0), so the checkpoints this
         run writes can be exported too; the world agrees on a failure (one error everywhere)."""
         if not self.ckpt.save:
             return
-        load, save = Path(self.ckpt.load), Path(self.ckpt.save)
+        save = Path(self.ckpt.save)
         if save.resolve() == load.resolve():
             return
         error = None

@@ -162,15 +162,18 @@ def apply_overrides(cfg: MimoConfig, overrides: dict[str, Any]) -> MimoConfig:
 def config_from_args(argv: Sequence[str] | None = None) -> tuple[MimoConfig, argparse.Namespace]:
     """Parse ``argv`` into a validated config (raises ConfigError on bad values).
 
-    With a checkpoint to load, the model sections come from its manifest instead of the preset
+    With a checkpoint to load (--load's, else --pretrained-checkpoint's), the model sections come
+    from its manifest instead of the preset
     (the weights fix them); explicit flags apply on top and may change runtime fields only."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if "." in k}
     preset = get_preset(args.config)
+    def given(name: str):
+        return overrides.get(f"checkpoint.{name}", getattr(preset.checkpoint, name))
+
     try:
-        model = checkpoint_model(overrides.get("checkpoint.load", preset.checkpoint.load),
-                                 overrides.get("checkpoint.ckpt_step", preset.checkpoint.ckpt_step),
-                                 overrides)
+        model = checkpoint_model(given("load"), given("ckpt_step"), overrides,
+                                 pretrained=given("pretrained_checkpoint"))
     except ConfigError as error:  # name the flags the user typed, not the config fields
         raise ConfigError(name_flags(str(error))) from None
     return apply_overrides(preset, {**model, **overrides}), args

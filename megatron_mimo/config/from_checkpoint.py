@@ -88,12 +88,12 @@ def check_flags(sections: dict[str, Any], overrides: dict[str, Any], directory: 
                       f"use the checkpoint's architecture")
 
 
-def checkpoint_model(load: str | None, step: int | None,
-                     overrides: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_model(load: str | None, step: int | None, overrides: dict[str, Any],
+                     pretrained: str | None = None) -> dict[str, Any]:
     """Every field of the model sections of the checkpoint ``load``/``step`` as ``section.field``
-    overrides, after checking the explicit ``overrides`` against them; empty when there is no
-    checkpoint there or its manifest predates the record (the preset's model is used)."""
-    directory = checkpoint_directory(load, step)
+    overrides (else of ``pretrained``'s, which a run starts from when ``load`` holds none), after
+    checking the explicit ``overrides`` against them; empty when there is no checkpoint there or its manifest predates the record (the preset's model is used)."""
+    directory = checkpoint_directory(load, step) or checkpoint_directory(pretrained, None)
     sections = saved_model(directory) if directory is not None else None
     if sections is None:
         return {}

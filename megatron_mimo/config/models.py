@@ -9,6 +9,11 @@ from megatron_mimo.errors import require_positive as _require_positive
 
 IMAGES_KINDS = ("vit", "clip", "siglip", "radio")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+PIXEL_NORMS = {"half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+               "clip": ((0.48145466, 0.4578275, 0.40821073),
+                        (0.26862954, 0.26130258, 0.27577711))}
+"""(mean, std) per RGB channel of pixels in [0, 1] (``--encoder-pixel-norm``): 'half' maps them
+to [-1, 1] (our towers, SigLIP), 'clip' is what OpenAI's CLIP towers were trained on."""
 """MLP activations of the image encoder: exact GELU, CLIP's quick GELU (x * sigmoid(1.702 x)),
 SigLIP's tanh-approximated GELU."""
 LANGUAGE_KINDS = ("gpt", "mamba_hybrid")
@@ -79,6 +84,9 @@ class ImagesModelConfig(TransformerSizes):
     feature_layer: int = -1
     """Encoder layer whose output feeds the projector, counted from the end: -1 the last, -2 the
     penultimate (LLaVA's choice); only the layers up to it are built."""
+    pixel_norm: str = "half"
+    """Pixel normalisation the encoder expects: 'half' ((x - 0.5) / 0.5) or 'clip' (OpenAI
+    CLIP's per-channel mean and std, what its pretrained weights saw)."""
     projector_ffn_hidden_size: int | None = None
     """Hidden size of the 2-layer projector (LLaVA: the language hidden size); None = the
     encoder's ffn_hidden_size."""
@@ -94,6 +102,8 @@ class ImagesModelConfig(TransformerSizes):
         _require(self.class_token_len >= 0, f"images.class_token_len must be >= 0, got {self.class_token_len}")
         _require(self.activation in ACTIVATIONS, f"images.activation must be one of "
                                                  f"{ACTIVATIONS}, got {self.activation!r}")
+        _require(self.pixel_norm in PIXEL_NORMS, f"images.pixel_norm must be one of "
+                                                 f"{tuple(PIXEL_NORMS)}, got {self.pixel_norm!r}")
         _require(-self.num_layers <= self.feature_layer <= -1, (
             f"images.feature_layer must lie in [-{self.num_layers}, -1] (counted from the last of "
             f"num_layers {self.num_layers}), got {self.feature_layer}"))

@@ -72,6 +72,8 @@ def digits_cpu() -> MimoConfig:
 TINY_LLAVA = "runs/tiny-llava"
 """Where `make train CONFIG=llava_digits_cpu` writes a tiny random Hugging Face LLaVA
 (``hf/``) and imports it (``ckpt/``)."""
+LLAVA_DIGITS = "runs/llava-digits/ckpt"
+"""Where it saves (and resumes from: a run stopped early goes on where it stopped)."""
 
 
 def llava_digits_cpu() -> MimoConfig:
@@ -84,7 +86,7 @@ def llava_digits_cpu() -> MimoConfig:
         base, name="llava_digits_cpu",
         images=ImagesModelConfig(kind="clip", num_layers=3, hidden_size=64, num_attention_heads=4,
                                  ffn_hidden_size=128, image_size=32, patch_size=8,
-                                 activation="quick_gelu", feature_layer=-2,
+                                 activation="quick_gelu", feature_layer=-2, pixel_norm="clip",
                                  projector_ffn_hidden_size=64),
         language=LanguageModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
                                      ffn_hidden_size=128, vocab_size=128, image_token=4,
@@ -92,8 +94,8 @@ def llava_digits_cpu() -> MimoConfig:
                                      num_query_groups=2, disable_bias_linear=True,
                                      norm_epsilon=1e-6, untie_embeddings_and_output_weights=True),
         data=replace(base.data, tokenizer_model=f"{TINY_LLAVA}/ckpt/hf"),
-        checkpoint=CheckpointConfig(load=f"{TINY_LLAVA}/ckpt", finetune=True,
-                                    save="runs/llava-digits/ckpt"),
+        checkpoint=CheckpointConfig(pretrained_checkpoint=f"{TINY_LLAVA}/ckpt",
+                                    load=LLAVA_DIGITS, save=LLAVA_DIGITS, save_interval=200),
         training=replace(base.training, eval_interval=200),
     )
 
@@ -109,7 +111,7 @@ def llava_8gpu() -> MimoConfig:
         images=ImagesModelConfig(kind="clip", num_layers=24, hidden_size=1024,
                                  num_attention_heads=16, ffn_hidden_size=4096, image_size=336,
                                  patch_size=14, activation="quick_gelu", feature_layer=-2,
-                                 projector_ffn_hidden_size=4096),
+                                 pixel_norm="clip", projector_ffn_hidden_size=4096),
         language=LanguageModelConfig(num_layers=32, hidden_size=4096, num_attention_heads=32,
                                      ffn_hidden_size=11008, vocab_size=32000, seq_length=2048,
                                      normalization="RMSNorm", swiglu=True,

@@ -156,6 +156,9 @@ class CheckpointConfig:
     """Do not load RNG state: streams are seeded from --seed as in a new run."""
     finetune: bool = False
     """Load model weights only; iteration, data position, optimizer and schedulers start fresh."""
+    pretrained_checkpoint: str | None = None
+    """Checkpoint to start from when --load holds none, weights only (as --finetune): a
+    fine-tuning run that resumes from --load needs no change of flags."""
     ckpt_step: int | None = None
     """Load this iteration instead of the one in latest_checkpointed_iteration.txt."""
     dist_ckpt_optim_fully_reshardable: bool = False

@@ -68,6 +68,7 @@ def images_config(vision: dict[str, Any], feature_layer: int, select: str, where
         ffn_hidden_size=vision["intermediate_size"], image_size=vision["image_size"],
         patch_size=vision["patch_size"], class_token_len=0, activation=ACTIVATIONS[act],
         norm_epsilon=vision.get("layer_norm_eps", 1e-5), feature_layer=feature_layer,
+        pixel_norm="clip" if kind == "clip" else "half",
         projector_ffn_hidden_size=language_hidden)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_mimo.config.models import PIXEL_NORMS
 from megatron_mimo.data.tokenizer import CaptionTokenizer, SequenceLayout, WordTokenizer
 from megatron_mimo.errors import DataError
 
@@ -29,8 +30,6 @@ SHUFFLE_BUFFER = 100
 """Samples Energon shuffles among (our digits are also shuffled when written)."""
 MAX_SAMPLES_PER_SEQUENCE = 50
 """Longest run of consecutive samples of one shard a view reads before jumping elsewhere."""
-IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
-"""Pixels in [0, 1] become (x - 0.5) / 0.5 in [-1, 1]."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,8 @@ class SampleFormat:
     image_size: int
     layout: SequenceLayout
     tokenizer: CaptionTokenizer
+    pixel_norm: str = "half"
+    """Key of :data:`PIXEL_NORMS`."""
 
     def pixels(self, image: torch.Tensor, key: str) -> torch.Tensor:
         """``[3, S, S]`` normalised; other sizes are resized (any dataset trains, not only ours)."""
@@ -48,7 +49,8 @@ class SampleFormat:
         if image.shape[1:] != (self.image_size, self.image_size):
             image = F.interpolate(image[None].float(), size=(self.image_size, self.image_size),
                                   mode="bilinear", antialias=True, align_corners=False)[0]
-        return (image.float() - IMAGE_MEAN) / IMAGE_STD
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in PIXEL_NORMS[self.pixel_norm])
+        return (image.float() - mean) / std
 
     def encode(self, key: str, image: torch.Tensor, caption: str) -> dict[str, Any]:
         """One sample's tensors, plus its key (what tests and logs identify it by)."""
@@ -153,7 +155,7 @@ def _own_generator(loader, spec: ViewSpec):
 
 def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_tokens: int,
                       image_token_id: int, tokenizer_model: str | None = None,
-                      vocab_size: int | None = None) -> SampleFormat:
+                      vocab_size: int | None = None, pixel_norm: str = "half") -> SampleFormat:
     """The captions' tokenizer checked against the language vocabulary: the Hugging Face one
     of ``tokenizer_model`` (``--tokenizer-model``) if given, else the dataset's word list.
 
@@ -173,7 +175,7 @@ def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_to
         tokenizer.check_model(image_token_id,
                               image_token_id + 1 if vocab_size is None else vocab_size)
     layout = SequenceLayout.for_tokenizer(tokenizer, seq_length, num_image_tokens, image_token_id)
-    return SampleFormat(image_size, layout, tokenizer)
+    return SampleFormat(image_size, layout, tokenizer, pixel_norm)
 
 
 def start_loaders(loaders: list) -> list:

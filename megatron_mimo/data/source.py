@@ -253,7 +253,8 @@ def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
                               cfg.language_parallel.dp, cfg.parallel(branch).dp, dp_rank)
     sample_format = sample_format_for(path, cfg.images.image_size, cfg.language.seq_length,
                                       cfg.images.num_image_tokens, cfg.language.image_token_id,
-                                      cfg.data.tokenizer_model, cfg.language.vocab_size)
+                                      cfg.data.tokenizer_model, cfg.language.vocab_size,
+                                      cfg.images.pixel_norm)
     seed, workers = cfg.training.seed, cfg.data.num_workers
     views = [ViewSpec(path, v, assignment.num_views, workers, seed, assignment.batch_size)
              for v in assignment.views]

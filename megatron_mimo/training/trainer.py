@@ -183,9 +183,9 @@ def run(cfg: MimoConfig) -> int:
             if trainer.sinks.active:
                 logger.info("layout: %s", trainer.job.topology.describe())
                 logger.info("config %s: %s", cfg.name, json.dumps(cfg.to_dict(), sort_keys=True))
-            if trainer.load() and cfg.checkpoint.finetune:
+            if trainer.load() and trainer.checkpoints.loaded_from.finetune:
                 logger.info("loaded the weights of %s (--finetune): training starts at iteration 0",
-                            cfg.checkpoint.load)
+                            trainer.checkpoints.loaded_from.load)
             elif trainer.state.iteration:
                 logger.info("resuming at iteration %d (%d samples consumed)",
                             trainer.state.iteration, trainer.state.consumed_samples)

@@ -55,7 +55,7 @@ LAYOUTS = {
     # images TP1xDP2 on ranks 0-1, language TP2 (one of the two key/value groups per rank) on
     # ranks 2-3; then 2 training steps and a save, which the export test reads
     "images_dp2_language_tp2": (4, {"training.train_iters": 2}),
-    # language in two pipeline stages on ranks 1-2
+    # language in two pipeline stages on ranks 1-2, started with --pretrained-checkpoint
     "language_pp2": (3, {"images_parallel.dp": 1, "language_parallel.tp": 1,
                          "language_parallel.pp": 2, "language_parallel.offset": 1}),
 }
@@ -76,8 +76,10 @@ def test_logits_at_hetero_layouts_match_transformers(converted, layout):
     overrides = {"training.micro_batch_size": 2, "training.global_batch_size": 4, **overrides}
     if "training.train_iters" in overrides:
         overrides["checkpoint.save"] = str(tmp / "trained")
-    ranks = run_world(MODULE, world, {"mode": "layout", "checkpoint": str(tmp / "clip-ckpt"),
-                                      "overrides": overrides}, timeout=300)
+    args = {"mode": "layout", "checkpoint": str(tmp / "clip-ckpt"), "overrides": overrides}
+    if layout == "language_pp2":
+        args["empty"] = str(tmp / "no-checkpoint-yet")
+    ranks = run_world(MODULE, world, args, timeout=300)
     pixels = {k: p for r in ranks if r.branch == "images" for k, p in zip(r.keys, r.pixels, strict=True)}
     (last, *_) = [r for r in ranks if r.branch == "language"]
     assert sorted(pixels) == sorted(last.keys) and len(last.keys) == 4

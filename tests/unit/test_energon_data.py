@@ -248,3 +248,20 @@ def test_view_arithmetic_refuses_a_micro_step_that_does_not_split():
     with pytest.raises(DataError, match="does not split over 6 readers"):
         assign_views(4, 2, 3, 2, 0)
     assert assign_views(6, 2, 3, 3, 2).views == (4, 5) and assign_views(6, 2, 3, 2, 1).views == (3, 4, 5)
+
+
+def test_pixels_are_normalised_as_the_encoder_was_trained(digits):
+    """'half' maps [0, 1] to [-1, 1]; 'clip' uses OpenAI CLIP's per-channel mean and std (an
+    imported CLIP tower sees what it was pretrained on)."""
+    from dataclasses import replace
+
+    from megatron_mimo.config.models import PIXEL_NORMS
+
+    image = torch.full((3, IMAGE_SIZE, IMAGE_SIZE), 0.25)
+    half = fmt(digits).pixels(image, "k")
+    assert torch.equal(half, torch.full_like(image, -0.5))
+    clip = replace(fmt(digits), pixel_norm="clip").pixels(image, "k")
+    mean, std = PIXEL_NORMS["clip"]
+    for channel in range(3):
+        expected = torch.tensor((0.25 - mean[channel]) / std[channel])
+        assert torch.allclose(clip[channel], expected.expand(IMAGE_SIZE, IMAGE_SIZE))

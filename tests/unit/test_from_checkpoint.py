@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -229,7 +230,7 @@ def test_a_load_carries_the_sidecar_to_another_save_root(tmp_path, monkeypatch):
         ckpt = CheckpointConfig(load=str(tmp_path / load), save=save and str(tmp_path / save))
         fake = SimpleNamespace(ckpt=ckpt, _exchange=lambda what, value: exchanged.append(value)
                                or [value])
-        manager.CheckpointManager._carry_sidecar(fake)
+        manager.CheckpointManager._carry_sidecar(fake, Path(ckpt.load))
 
     carry("imported", None)
     carry("imported", "imported")
@@ -253,3 +254,16 @@ def test_a_tp_that_does_not_divide_the_checkpoints_query_groups_is_one_line(tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert "--num-query-groups 2 must divide by --llm-tp 4" in lines[0]
+
+
+def test_the_model_comes_from_the_pretrained_checkpoint_until_load_holds_one(tmp_path):
+    """--pretrained-checkpoint: the run starts from it while --load is empty, and resumes from
+    --load once it holds a checkpoint (whose model wins)."""
+    pretrained, run = tmp_path / "imported", tmp_path / "run"
+    write_checkpoint(pretrained, iteration=0, cfg=saved_config(hidden_size=96))
+    flags = ["--pretrained-checkpoint", str(pretrained), "--load", str(run)]
+    cfg, _ = config_from_args(flags)
+    assert cfg.language.hidden_size == 96
+    write_checkpoint(run, iteration=5, cfg=saved_config(hidden_size=128))
+    cfg, _ = config_from_args(flags)
+    assert cfg.language.hidden_size == 128

@@ -195,7 +195,8 @@ def one(args: dict[str, Any]) -> One:
 
 
 def layout(args: dict[str, Any]) -> LayoutLogits:
-    """Load ``args['checkpoint']`` with --finetune at ``args['overrides']``, one forward pass."""
+    """Load ``args['checkpoint']`` with --finetune (or as --pretrained-checkpoint, with --load
+    ``args['empty']``) at ``args['overrides']``, one forward pass."""
     import torch.distributed as dist
 
     import megatron_mimo.training.pipeline as pipeline
@@ -206,8 +207,11 @@ def layout(args: dict[str, Any]) -> LayoutLogits:
     from megatron_mimo.training.trainer import Trainer
 
     saved = saved_model_config(resolve(Path(args["checkpoint"])))
-    cfg = apply_overrides(replace(tiny_cpu(), images=saved.images, language=saved.language), {
-        "checkpoint.load": args["checkpoint"], "checkpoint.finetune": True, **args["overrides"]})
+    start = ({"checkpoint.pretrained_checkpoint": args["checkpoint"],
+              "checkpoint.load": args["empty"]} if "empty" in args else
+             {"checkpoint.load": args["checkpoint"], "checkpoint.finetune": True})
+    cfg = apply_overrides(replace(tiny_cpu(), images=saved.images, language=saved.language),
+                          {**start, **args["overrides"]})
     captured = []
     counted = pipeline.count_correct_answers
 
