@@ -119,3 +119,20 @@ def test_export_after_training_differs_and_loads(converted):
     # the tower's unused last layer never trains: it comes back exactly
     assert torch.equal(before["vision_tower.post_layernorm.weight"],
                        after["vision_tower.post_layernorm.weight"])
+
+
+def test_a_run_started_from_an_import_resumes_bit_exactly(converted):
+    """--pretrained-checkpoint, then --load once the run saved (fresh processes): every metrics
+    record of 2 + 2 iterations equals the straight run's (CLIP tower with dropout-free quick
+    GELU, Llama with grouped-query attention, hetero layout)."""
+    tmp, _ = converted
+    args = {"mode": "resume", "tmp": str(tmp / "resume"), "checkpoint": str(tmp / "clip-ckpt"),
+            "flags": ["--encoder-dp", "1", "--llm-tp", "1", "--llm-offset", "1",
+                      "--micro-batch-size", "2", "--global-batch-size", "2",
+                      "--lr-warmup-iters", "1"]}
+    saved = run_world(MODULE, 2, {**args, "phase": "save"}, timeout=300)
+    resumed = run_world(MODULE, 2, {**args, "phase": "resume"}, timeout=300)
+    for before, after in zip(saved, resumed, strict=True):
+        straight = before.runs["straight"]
+        assert before.runs["first"] + after.runs["second"] == straight
+        assert straight[0]["iteration"] == 1 and len(straight) == 4

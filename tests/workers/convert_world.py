@@ -248,8 +248,44 @@ def layout(args: dict[str, Any]) -> LayoutLogits:
                             logits=torch.cat([c[0] for c in captured]).tolist())
 
 
+TIMING = ("ms_per_iteration", "tokens_per_s")
+
+
+@dataclass
+class Records:
+    """Metrics records of one rank (timing dropped), by run."""
+
+    runs: dict[str, list[dict[str, Any]]]
+
+
+def resume(args: dict[str, Any]) -> Records:
+    """Phase 'save': 4 iterations straight and 2 with a save, both started from the import with
+    --pretrained-checkpoint; phase 'resume' (fresh processes): the same flags, --load now holds
+    the save, 2 more iterations."""
+    from megatron_mimo.config.cli import config_from_args
+    from megatron_mimo.training.trainer import Trainer
+
+    tmp = Path(args["tmp"])
+
+    def train(name: str, iters: int, save: bool) -> list[dict[str, Any]]:
+        run = tmp / name
+        flags = [*args["flags"], "--pretrained-checkpoint", args["checkpoint"],
+                 "--load", str(run), "--train-iters", "4"] + (["--save", str(run)] if save else [])
+        cfg, _ = config_from_args(flags)
+        with Trainer(cfg) as trainer:
+            trainer.load()
+            records = [trainer.step() for _ in range(iters)]
+            if save:
+                trainer.save()
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+    if args["phase"] == "save":
+        return Records({"straight": train("straight", 4, False), "first": train("cut", 2, True)})
+    return Records({"second": train("cut", 2, False)})
+
+
 def body(args: dict[str, Any]) -> Any:
-    return {"one": one, "layout": layout}[args["mode"]](args)
+    return {"one": one, "layout": layout, "resume": resume}[args["mode"]](args)
 
 
 if __name__ == "__main__":
