@@ -53,7 +53,6 @@ def build(out: Path, tower: str = "clip", separate: bool = False, seed: int = 0)
         LlavaForConditionalGeneration,
         SiglipVisionModel,
     )
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one tiny file: no "Writing model shards" bar
