@@ -29,7 +29,8 @@ def vocabulary() -> list[str]:
     return [caption_of(label) for label in range(len(DIGIT_WORDS))] + list(EXTRA_WORDS)
 
 
-def configs(tower: str, vocab_size: int, image_size: int = 32, patch_size: int = 8):
+def configs(tower: str, vocab_size: int, image_size: int = 32, patch_size: int = 8,
+            tie: bool = False):
     """Vision and text configs of the tiny model (sizes of the ``digits_cpu`` preset)."""
     from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
 
@@ -39,12 +40,14 @@ def configs(tower: str, vocab_size: int, image_size: int = 32, patch_size: int =
     text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab_size,
                        max_position_embeddings=64, bos_token_id=0, eos_token_id=1,
-                       pad_token_id=2, tie_word_embeddings=False)
+                       pad_token_id=2, tie_word_embeddings=tie)
     return vision, text
 
 
-def build(out: Path, tower: str = "clip", separate: bool = False, seed: int = 0) -> Path:
-    """Write the model (and its tokenizer) under ``out``; returns ``out``."""
+def build(out: Path, tower: str = "clip", separate: bool = False, seed: int = 0,
+          tie: bool = False) -> Path:
+    """Write the model (and its tokenizer) under ``out``; returns ``out``. ``tie``: the output
+    layer reuses the word embeddings (no ``lm_head`` in the file)."""
     import torch
     from transformers import (
         CLIPVisionModel,
@@ -64,7 +67,7 @@ def build(out: Path, tower: str = "clip", separate: bool = False, seed: int = 0)
     from tokenizers import Tokenizer
 
     vocab_size = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
-    vision, text = configs(tower, vocab_size)
+    vision, text = configs(tower, vocab_size, tie=tie)
     if separate:
         vision_class = CLIPVisionModel if tower == "clip" else SiglipVisionModel
         vision_class(vision).save_pretrained(out / "vision")

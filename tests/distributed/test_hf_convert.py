@@ -23,7 +23,7 @@ def converted(tmp_path_factory):
     return tmp, result
 
 
-@pytest.mark.parametrize("name", ["clip", "siglip", "pair"])
+@pytest.mark.parametrize("name", ["clip", "siglip", "tied", "pair"])
 def test_import_export_is_bit_identical_and_logits_match_transformers(converted, name):
     _, result = converted
     (trip,) = [t for t in result.trips if t.name == name]

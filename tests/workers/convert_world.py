@@ -176,11 +176,12 @@ def one(args: dict[str, Any]) -> One:
 
     tmp = Path(args["tmp"])
     trips = []
-    for tower in ("clip", "siglip"):
-        source = build(tmp / tower, tower)
-        code, err = convert("import-hf", str(source), str(tmp / f"{tower}-ckpt"))
+    for name, tower, tie in (("clip", "clip", False), ("siglip", "siglip", False),
+                             ("tied", "clip", True)):
+        source = build(tmp / name, tower, tie=tie)
+        code, err = convert("import-hf", str(source), str(tmp / f"{name}-ckpt"))
         assert code == 0, err
-        trips.append(round_trip(tmp, tower, source, tmp / f"{tower}-ckpt"))
+        trips.append(round_trip(tmp, name, source, tmp / f"{name}-ckpt"))
     pair = build(tmp / "pair", separate=True)
     code, err = convert("import-hf", "--vision", str(pair / "vision"), "--language",
                         str(pair / "language"), str(tmp / "pair-ckpt"))
