@@ -105,6 +105,9 @@ class LoaderRecord:
     """Energon seed_offset."""
     batch_size: int
     """Samples each reader yields per micro-step."""
+    tokenizer: str = ""
+    """Checksum of --tokenizer-model's tokenizer.json ('' for the dataset's word list): other
+    ids for the same captions are other samples (a copy of the same file elsewhere is fine)."""
 
     def as_dict(self) -> dict[str, Any]:
         """Plain form (lists, not tuples)."""
@@ -113,10 +116,12 @@ class LoaderRecord:
     def check_saved(self, saved: dict[str, Any], where: str) -> None:
         """Refuse a state saved under another record, naming every difference and what to do."""
         mine = self.as_dict()
-        diff = [f"{name} {saved.get(name)!r} -> {value!r}" for name, value in mine.items()
-                if saved.get(name) != value]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        diff = [f"{name} {saved.get(name, defaults[name])!r} -> {value!r}"
+                for name, value in mine.items() if saved.get(name, defaults[name]) != value]
         if diff:
             raise DataError(
                 f"{where}: the data loader state was saved with other settings ("
                 + "; ".join(diff) + "): resume with the saved --data-path, layout, "
-                "--num-workers, --seed and batch sizes, or start the data afresh with --finetune")
+                "--num-workers, --seed, batch sizes and --tokenizer-model, or start the data afresh "
+                "with --finetune")

@@ -240,6 +240,16 @@ def build_branch_data(cfg: MimoConfig, branch: str, dp_rank: int) -> BranchData:
     return build_energon_source(cfg, branch, dp_rank, common)
 
 
+def tokenizer_checksum(tokenizer_model: str | None) -> str:
+    """xxh3 of the HF tokenizer's tokenizer.json; '' without one."""
+    if not tokenizer_model:
+        return ""
+    from megatron_mimo.checkpoint.integrity import file_checksum
+    from megatron_mimo.data.hf_tokenizer import TOKENIZER_FILE
+
+    return file_checksum(Path(tokenizer_model) / TOKENIZER_FILE)["xxh3_128"]
+
+
 def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
                          common: dict[str, Any]) -> EnergonSource:
     """Check the dataset folder, then one loader per view this rank runs."""
@@ -259,6 +269,6 @@ def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
     views = [ViewSpec(path, v, assignment.num_views, workers, seed, assignment.batch_size)
              for v in assignment.views]
     record = LoaderRecord(str(path), assignment.num_views, assignment.views, workers, seed,
-                          assignment.batch_size)
+                          assignment.batch_size, tokenizer_checksum(cfg.data.tokenizer_model))
     return EnergonSource(views, sample_format, record, where=f"{branch} DP rank {dp_rank}",
                          val_samples=split_size(path, "val"), **common)

@@ -178,7 +178,8 @@ def _source(root: Path, record: LoaderRecord) -> EnergonSource:
 
 CHANGES = [({"num_workers": 2}, "num_workers 0 -> 2"), ({"seed": 7}, "seed 1234 -> 7"),
            ({"num_views": 2, "views": (1,)}, "num_views 1 -> 2; views [0] -> [1]"),
-           ({"batch_size": 2}, "batch_size 4 -> 2"), ({"data_path": "/elsewhere"}, "/elsewhere")]
+           ({"batch_size": 2}, "batch_size 4 -> 2"), ({"data_path": "/elsewhere"}, "/elsewhere"),
+           ({"tokenizer": "abc"}, "tokenizer '' -> 'abc'")]
 
 
 def test_loader_state_saved_under_other_settings_is_refused(digits):
@@ -194,6 +195,9 @@ def test_loader_state_saved_under_other_settings_is_refused(digits):
     mismatched = _source(digits, LoaderRecord(**{**record.__dict__, "seed": 7}))
     with pytest.raises(DataError, match="seed 1234 -> 7"):
         mismatched.load_state_dict(state)
+    older = {**state["record"]}
+    del older["tokenizer"]  # saved before the tokenizer was recorded: the word list's
+    record.check_saved(older, "language DP rank 0")
     same = _source(digits, record)
     same.load_state_dict(state)  # the same settings resume where the saved source stopped
     assert same.consumed_samples == 8
