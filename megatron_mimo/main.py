@@ -1,8 +1,9 @@
 """The ``megatron-mimo`` command: flags -> config, then one training run per torchrun rank.
 
 ``megatron-mimo checkpoint {inspect,verify} DIR`` runs the checkpoint tools and
-``megatron-mimo data prepare-digits OUT`` prepares a dataset and ``megatron-mimo convert
-{import-hf,export-hf}`` converts from and to Hugging Face (one process each, no torchrun).
+``megatron-mimo data prepare-digits OUT`` prepares a dataset, ``megatron-mimo convert
+{import-hf,export-hf}`` converts from and to Hugging Face and ``megatron-mimo generate`` decodes
+from a checkpoint (one process each, no torchrun).
 
 Exit codes: 0 done; 1 an error in the input (flags, files, checkpoint, data), printed as one line
 per rank (``--log-level DEBUG`` adds the traceback); 2 a bad command line or layout; 75 stopped
@@ -54,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return checkpoint_tools(argv[1:])
     if argv[:1] == ["data"]:
         return data_command(argv[1:])
+    if argv[:1] == ["generate"]:  # greedy decoding, one process
+        from megatron_mimo.generate import main as generate
+
+        return generate(argv[1:])
     if argv[:1] == ["convert"]:  # Hugging Face in and out, one process
         from megatron_mimo.convert.__main__ import main as convert
 

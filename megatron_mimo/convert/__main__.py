@@ -67,18 +67,24 @@ def _export(args: argparse.Namespace) -> Path:
     return written[0].parent
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one conversion; print where it wrote."""
-    args = build_parser().parse_args(argv)
+def quiet(level: str) -> None:
+    """Our progress lines at ``level``; third-party chatter (megatron-core deprecations, torch
+    checkpoint warnings) only with DEBUG. One-process commands call this first."""
     from megatron_mimo.metrics.log import quiet_third_party
 
-    quiet_third_party(args.log_level)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if logging.getLevelName(args.log_level) != logging.DEBUG:  # progress lines are ours only
+    quiet_third_party(level)
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if logging.getLevelName(level) != logging.DEBUG:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
         warnings.filterwarnings("ignore", category=FutureWarning)
         for name in ("megatron", "torch"):
             logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one conversion; print where it wrote."""
+    args = build_parser().parse_args(argv)
+    quiet(args.log_level)
     start = time.perf_counter()
     try:
         done = _import(args) if args.action == "import-hf" else _export(args)

@@ -32,6 +32,18 @@ MAX_SAMPLES_PER_SEQUENCE = 50
 """Longest run of consecutive samples of one shard a view reads before jumping elsewhere."""
 
 
+def normalised_pixels(image: torch.Tensor, size: int, pixel_norm: str, what: str) -> torch.Tensor:
+    """An RGB image ``[3, H, W]`` in [0, 1] as the encoder reads it: resized to ``size`` and
+    normalised by :data:`PIXEL_NORMS` ``[pixel_norm]`` (training and generation share this)."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise DataError(f"{what}: image of shape {tuple(image.shape)}, expected [3, H, W]")
+    if image.shape[1:] != (size, size):
+        image = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in PIXEL_NORMS[pixel_norm])
+    return (image.float() - mean) / std
+
+
 @dataclass(frozen=True)
 class SampleFormat:
     """How one image-caption sample becomes model inputs (the same for every view)."""
@@ -44,13 +56,7 @@ class SampleFormat:
 
     def pixels(self, image: torch.Tensor, key: str) -> torch.Tensor:
         """``[3, S, S]`` normalised; other sizes are resized (any dataset trains, not only ours)."""
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise DataError(f"sample {key}: image of shape {tuple(image.shape)}, expected [3, H, W]")
-        if image.shape[1:] != (self.image_size, self.image_size):
-            image = F.interpolate(image[None].float(), size=(self.image_size, self.image_size),
-                                  mode="bilinear", antialias=True, align_corners=False)[0]
-        mean, std = (torch.tensor(v).view(3, 1, 1) for v in PIXEL_NORMS[self.pixel_norm])
-        return (image.float() - mean) / std
+        return normalised_pixels(image, self.image_size, self.pixel_norm, f"sample {key}")
 
     def encode(self, key: str, image: torch.Tensor, caption: str) -> dict[str, Any]:
         """One sample's tensors, plus its key (what tests and logs identify it by)."""

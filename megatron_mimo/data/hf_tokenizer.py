@@ -80,6 +80,10 @@ class HFTokenizer:
                    eos_id if pad_id is None else pad_id, specials.optional("unk_token"),
                    image_id, max(vocab.values()) + 1)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` (special tokens left out)."""
+        return self.backend.decode(ids, skip_special_tokens=True)
+
     def encode(self, caption: str, key: str = "?") -> list[int]:
         """Ids of the caption, no special tokens added (the layout adds BOS and EOS)."""
         return self.encode_with_answer(caption, key)[0]

@@ -47,6 +47,8 @@ class CaptionTokenizer(Protocol):
 
     def encode(self, caption: str, key: str = "?") -> list[int]: ...
 
+    def decode(self, ids: list[int]) -> str: ...
+
     def encode_with_answer(self, caption: str, key: str = "?") -> tuple[list[int], int]:
         """The caption's ids and the index among them of the answer's first token."""
         ...
@@ -98,6 +100,10 @@ class WordTokenizer:
     def vocab_size(self) -> int:
         """Number of words, specials included."""
         return len(self.words)
+
+    def decode(self, ids: list[int]) -> str:
+        """The words of ``ids``, space-separated (special words left out)."""
+        return " ".join(self.words[i] for i in ids if len(SPECIAL_WORDS) <= i < len(self.words))
 
     def encode(self, caption: str, key: str = "?") -> list[int]:
         """Ids of the caption's words; an unknown word is a DataError naming the sample."""

@@ -1,0 +1,70 @@
+"""`megatron-mimo generate` names the digit of held-out images after a short training on the
+digits (the real CLI under torchrun, then the one-process command), and bad input is one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO_ROOT
+
+pytestmark = pytest.mark.dist
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
+ITERS = 400
+"""Measured here: 97.2 % held-out accuracy after 400 iterations on 2 ranks (~40 s)."""
+
+
+def generate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megatron_mimo.main", "generate", *args],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def trained(digits_dataset, tmp_path_factory) -> Path:
+    ckpt = tmp_path_factory.mktemp("generate") / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "examples/pretrain_hetero_mimo.py", "--config", "digits_cpu", "--data-path",
+           str(digits_dataset), "--encoder-dp", "1", "--llm-tp", "1", "--llm-offset", "1",
+           "--train-iters", str(ITERS), "--eval-interval", "0", "--save", str(ckpt)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=ENV)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return ckpt
+
+
+def held_out_images(folder: Path, count: int = 10) -> dict[Path, str]:
+    """PNGs of the first digits of the dataset's order (its val split, never trained on), by
+    their digit word."""
+    from megatron_mimo.data.digits import DIGIT_WORDS, load_digits, png_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for key, scan, label in load_digits(seed=0)[:count]:  # prepare_digits' default order
+        path = folder / f"{key}.png"
+        path.write_bytes(png_bytes(scan, 32))
+        images[path] = DIGIT_WORDS[label]
+    return images
+
+
+def test_generate_names_the_digit(trained, digits_dataset, tmp_path):
+    images = held_out_images(tmp_path)
+    done = generate("--load", str(trained), "--tokenizer-model", str(digits_dataset),
+                    "--prompt", "the digit", "--image", *map(str, images))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(images)
+    right = sum(line == word for line, word in zip(lines, images.values(), strict=True))
+    assert right >= 8, list(zip(lines, images.values(), strict=True))  # measured: 10 of 10
+
+
+def test_generate_bad_input_is_one_line(trained, tmp_path):
+    missing = generate("--load", str(trained), "--image", str(tmp_path / "none.png"))
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    no_tokenizer = generate("--load", str(trained), "--image", str(tmp_path / "x.png"))
+    for done, text in ((missing, "none.png: no such image file"),
+                       (no_tokenizer, "hf/tokenizer.json is missing: pass --tokenizer-model")):
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and text in lines[0], done.stderr
