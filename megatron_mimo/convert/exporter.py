@@ -39,15 +39,35 @@ def read_sidecar(root: Path) -> tuple[Path, dict]:
     return folder, json.loads(record.read_text())
 
 
-def hf_tensors(model: torch.nn.Module, cfg: MimoConfig, real_vocab: int
-               ) -> dict[str, torch.Tensor]:
-    """Canonical HF name -> tensor, from the model's parameters."""
-    params = dict(model.named_parameters())
-    result = {}
-    for rule in rules_for(cfg):
-        parts = to_hf(rule, params[rule.ours].detach(), heads_of(cfg, rule.branch), real_vocab)
-        result.update(zip(rule.hf, parts, strict=True))
-    return result
+class HFTensors:
+    """The model's parameters as HF tensors, converted one rule at a time when first asked for
+    (an export holds the model and one rule's outputs, not a second copy of the model)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: MimoConfig, real_vocab: int) -> None:
+        self.params = dict(model.named_parameters())
+        self.cfg, self.real_vocab = cfg, real_vocab
+        self.rule_of = {name: rule for rule in rules_for(cfg) for name in rule.hf}
+        self._ready: dict[str, torch.Tensor] = {}
+
+    def _convert(self, rule, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return to_hf(rule, tensor, heads_of(self.cfg, rule.branch), self.real_vocab)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of one HF tensor (the model is loaded in the export dtype; shapes come from
+        meta tensors, nothing is converted)."""
+        rule = self.rule_of[name]
+        param = self.params[rule.ours]
+        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        shape = dict(zip(rule.hf, self._convert(rule, meta), strict=True))[name].shape
+        return shape.numel() * param.element_size()
+
+    def pop(self, name: str) -> torch.Tensor:
+        """One HF tensor; the other outputs of its rule wait for their turn."""
+        if name not in self._ready:
+            rule = self.rule_of[name]
+            parts = self._convert(rule, self.params[rule.ours].detach())
+            self._ready.update(zip(rule.hf, parts, strict=True))
+        return self._ready.pop(name)
 
 
 def export_hf(root: Path, out: Path, step: int | None = None,
@@ -68,20 +88,20 @@ def export_hf(root: Path, out: Path, step: int | None = None,
     with one_process_world() as pgs:
         model = build_model(cfg, pgs, meta=True)
         load_model(model, directory, dtype)
-        tensors = hf_tensors(model, cfg, record["real_vocab_size"])
+    tensors = HFTensors(model, cfg, record["real_vocab_size"])
     unused = safe_open(str(folder / UNUSED_FILE), "pt")
     names = record["names"]
 
     def file_name(key: str) -> str:
         return names.get(key) or llava_name(key)
 
-    order = sorted(set(tensors) | set(unused.keys()), key=file_name)
-    sizes = {file_name(k): _nbytes(tensors[k]) if k in tensors else _nbytes(unused.get_tensor(k))
-             for k in order}
+    order = sorted(set(tensors.rule_of) | set(unused.keys()), key=file_name)
+    sizes = {file_name(k): tensors.nbytes(k) if k in tensors.rule_of
+             else _nbytes(unused.get_tensor(k)) for k in order}
 
     def produce() -> Iterator[tuple[str, torch.Tensor]]:
         for key in order:
-            tensor = tensors.pop(key) if key in tensors else unused.get_tensor(key)
+            tensor = tensors.pop(key) if key in tensors.rule_of else unused.get_tensor(key)
             yield file_name(key), tensor.to(dtype)
 
     written = write_shards(out, [file_name(k) for k in order], sizes, produce(), max_shard_bytes)

@@ -80,7 +80,7 @@ class HFWeights:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.files = self._weight_map()
-        self._open: dict[str, object] = {}
+        self._open: dict[tuple[str, bool], object] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_NAME
@@ -108,14 +108,17 @@ class HFWeights:
         with safe_open(str(path), "pt") as handle:
             return list(handle.keys())
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its file now."""
+    def get(self, name: str, copy: bool = False) -> torch.Tensor:
+        """One tensor. By default a view of the memory-mapped file (no copy: right for a tensor
+        used as it is); ``copy`` reads it into its own memory, for a tensor that is only an input
+        to a new one (the mapped pages would otherwise stay counted against the process)."""
         from safetensors import safe_open
 
         file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.directory / file), "pt")
-        return self._open[file].get_tensor(name)  # type: ignore[attr-defined]
+        if (file, copy) not in self._open:
+            options = {"backend": "pread"} if copy else {}
+            self._open[file, copy] = safe_open(str(self.directory / file), "pt", **options)
+        return self._open[file, copy].get_tensor(name)  # type: ignore[attr-defined]
 
     def nbytes(self, name: str) -> int:
         """Bytes of a tensor, from the file header (nothing read)."""

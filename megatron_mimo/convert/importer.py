@@ -22,7 +22,7 @@ from megatron_mimo.checkpoint import storage
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.convert import hf_config
 from megatron_mimo.convert.hf_files import HFWeights, canonical, side_files
-from megatron_mimo.convert.rules import PROJECTOR, heads_of, rules_for, to_ours
+from megatron_mimo.convert.rules import COMBINED, PROJECTOR, heads_of, rules_for, to_ours
 from megatron_mimo.errors import ConvertError
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ class Source:
             if key is not None:
                 self.weights[key] = (reader, name)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, copy: bool = False) -> torch.Tensor:
         if key not in self.weights:
             raise ConvertError(f"no tensor {key} in the Hugging Face files (looked for it under "
                                f"every known prefix)")
         reader, name = self.weights[key]
-        return reader.get(name)
+        return reader.get(name, copy)
 
 
 def check_tokenizer(directory: Path, image_token: int) -> None:
@@ -117,8 +117,9 @@ def converted_weights(cfg: MimoConfig, source: Source, shapes: dict[str, torch.S
     for rule in rules_for(cfg):
         if partial and rule.ours.startswith(PROJECTOR):
             continue
-        tensor = to_ours(rule, [source.get(name) for name in rule.hf], heads_of(cfg, rule.branch),
-                         cfg.language.vocab_size)
+        combined = rule.kind in COMBINED  # its inputs die once the new tensor exists
+        tensor = to_ours(rule, [source.get(name, copy=combined) for name in rule.hf],
+                         heads_of(cfg, rule.branch), cfg.language.vocab_size)
         if tensor.shape != shapes[rule.ours]:
             raise ConvertError(f"{rule.hf[0]}: converts to shape {tuple(tensor.shape)}, the model "
                                f"needs {tuple(shapes[rule.ours])} for {rule.ours}")

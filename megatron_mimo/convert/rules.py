@@ -27,6 +27,10 @@ PROJECTOR = "modality_submodules.images.input_projections.0.encoder."
 LANGUAGE = "language_model."
 
 
+COMBINED = ("qkv", "gated", "vocab")
+"""Rule kinds whose parameter is a new tensor built from the HF ones (the others are them)."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """One parameter of ours and the HF tensors it is made of."""
