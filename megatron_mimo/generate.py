@@ -5,7 +5,8 @@ line per image).
 The model is rebuilt from the checkpoint's manifest at TP1 (dist_checkpointing reshards the
 weights whatever layout wrote them) and reads the sequence training builds:
 ``[BOS, <image> x N, prompt ids]``; each step appends the most likely real token (the vocabulary
-padding never wins) until the end token, ``--max-new-tokens`` or the model's ``--seq-length``.
+padding never wins) until the end token, ``--max-new-tokens`` or the model's ``--seq-length``
+(a one-line note on stderr). Stdout holds the continuations only, so scripts can read them.
 The tokenizer is ``--tokenizer-model``, else the one an import kept in ``CKPT/hf``; a digits
 dataset folder (its word list) works too.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,11 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", type=Path, required=True, nargs="+",
                         help="image file(s) (PNG, JPEG, ...): one output line per image")
     parser.add_argument("--prompt", default="", help="text after the image (e.g. 'the digit')")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="most tokens appended per image (default: 16)")
     parser.add_argument("--tokenizer-model", type=Path,
                         help="tokenizer folder (default: LOAD/hf, kept by an import)")
     parser.add_argument("--ckpt-step", type=int, help="iteration to load (default: the latest)")
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="DEBUG shows third-party logs and the traceback of an error")
     return parser
 
 
@@ -44,11 +49,14 @@ def load_tokenizer(directory: Path | None, load: Path):
     from megatron_mimo.data.hf_tokenizer import HFTokenizer
     from megatron_mimo.data.tokenizer import FORMAT, TOKENIZER_FILENAME, WordTokenizer
 
-    directory = directory or load / "hf"
-    path = directory / TOKENIZER_FILENAME
-    if not path.exists():
+    path = (directory or load / "hf") / TOKENIZER_FILENAME
+    if not path.exists() and directory is None:
         raise DataError(f"{path} is missing: pass --tokenizer-model (the tokenizer the model "
                         f"was trained with, or the dataset folder)")
+    if not path.exists():
+        raise DataError(f"--tokenizer-model: {path} is missing (a Hugging Face tokenizer folder "
+                        f"or a dataset folder holds one)")
+    directory = path.parent
     try:
         word_list = json.loads(path.read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError) as error:
@@ -73,27 +81,52 @@ def read_image(path: Path, size: int, pixel_norm: str):
     return normalised_pixels(tensor, size, pixel_norm, str(path))[None]
 
 
-def greedy(model, cfg, tokenizer, pixels, prompt_ids: list[int], max_new: int) -> list[int]:
-    """Token ids the model appends after ``[BOS, <image> x N, prompt]``."""
+def check_tokenizer(tokenizer, cfg) -> None:
+    """Refuse a tokenizer that is not the model's: ids the model has no row for would index past
+    its embedding, and another image id would leave the image tokens unreplaced."""
+    if tokenizer.vocab_size > cfg.language.vocab_size:
+        raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary "
+                        f"{cfg.language.vocab_size}: not the model's tokenizer")
+    image_id = tokenizer.image_token_id  # None: a word list, the model's placeholder is used
+    if image_id is not None and image_id != cfg.language.image_token_id:
+        raise DataError(f"the tokenizer's <image> is id {image_id}, the model's image token "
+                        f"{cfg.language.image_token_id}: not the model's tokenizer")
+
+
+def prompt_ids(cfg, tokenizer, prompt: str) -> list[int]:
+    """``[BOS, <image> x N, prompt]``: the start of a training sequence; more positions than the
+    model has is an error (it never saw them)."""
+    image = [cfg.language.image_token_id] * cfg.images.num_image_tokens
+    ids = [tokenizer.bos_id, *image, *(tokenizer.encode(prompt, "--prompt") if prompt else [])]
+    if len(ids) > cfg.language.seq_length:
+        raise DataError(f"--prompt: BOS, {len(image)} image tokens and the prompt take "
+                        f"{len(ids)} positions, the model has {cfg.language.seq_length}")
+    return ids
+
+
+def greedy(model, tokenizer, pixels, ids: list[int], max_new: int,
+           seq_length: int) -> tuple[list[int], bool]:
+    """Token ids the model appends after ``ids``, and whether it ran out of positions. The whole
+    sequence is recomputed each step (no KV cache: sequences are a few dozen tokens)."""
     import torch
 
     from megatron_mimo.models.vision import images_inputs
 
-    image = [cfg.language.image_token_id] * cfg.images.num_image_tokens
-    ids = [tokenizer.bos_id, *image, *prompt_ids]
-    new: list[int] = []
-    while len(new) < max_new and len(ids) < cfg.language.seq_length:
+    ids, new = list(ids), []
+    while len(new) < max_new:
+        if len(ids) > seq_length:  # the model has no position for the next token
+            return new, True
         batch = torch.tensor([ids])
         with torch.no_grad():
             logits, _ = model(input_ids=batch, position_ids=torch.arange(len(ids))[None],
                               attention_mask=None, loss_mask=None, labels=None,
                               modality_inputs={"images": images_inputs(pixels)})
-        token = int(logits[0, -1, :tokenizer.vocab_size].argmax())
+        token = int(logits[0, -1, :tokenizer.vocab_size].argmax())  # never a padding id
         if token == tokenizer.eos_id:
             break
         ids.append(token)
         new.append(token)
-    return new
+    return new, False
 
 
 def generate(args: argparse.Namespace) -> list[str]:
@@ -104,25 +137,33 @@ def generate(args: argparse.Namespace) -> list[str]:
     directory = resolve(args.load, args.ckpt_step)
     cfg = saved_model_config(directory)
     tokenizer = load_tokenizer(args.tokenizer_model, args.load)
-    if tokenizer.vocab_size > cfg.language.vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary "
-                        f"{cfg.language.vocab_size}: not the model's tokenizer")
+    check_tokenizer(tokenizer, cfg)
     images = [read_image(path, cfg.images.image_size, cfg.images.pixel_norm)
               for path in args.image]
-    prompt = tokenizer.encode(args.prompt, "--prompt") if args.prompt else []
+    start = prompt_ids(cfg, tokenizer, args.prompt)
+    texts = []
     with one_process_world() as pgs:
         model = build_model(cfg, pgs, meta=True)
         load_model(model, directory)
         model.eval()
-        return [tokenizer.decode(greedy(model, cfg, tokenizer, pixels, prompt,
-                                        args.max_new_tokens)) for pixels in images]
+        for path, pixels in zip(args.image, images, strict=True):
+            new, full = greedy(model, tokenizer, pixels, start, args.max_new_tokens,
+                               cfg.language.seq_length)
+            if full:
+                print(f"megatron-mimo: note: {path}: stopped at the model's "
+                      f"{cfg.language.seq_length} positions", file=sys.stderr)
+            texts.append(tokenizer.decode(new))
+    return texts
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the continuation; bad input is one line and exit code 1."""
     from megatron_mimo.convert.__main__ import quiet
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
     quiet(args.log_level)
     missing = [path for path in args.image if not path.is_file()]
     if missing:
@@ -131,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print("\n".join(generate(args)))
     except MimoError as error:
+        if args.log_level == "DEBUG":
+            traceback.print_exc()
         print(f"megatron-mimo: error: {' '.join(str(error).split())}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     return 0

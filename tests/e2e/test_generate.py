@@ -14,8 +14,10 @@ from tests.harness import REPO_ROOT
 
 pytestmark = pytest.mark.dist
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
-ITERS = 400
-"""Measured here: 97.2 % held-out accuracy after 400 iterations on 2 ranks (~40 s)."""
+RECIPE = ["--train-iters", "300", "--lr-warmup-iters", "5", "--encoder-lr", "3e-3"]
+"""The shortest training that reads the digits reliably, measured on 2 cores: 300 iterations
+(~30 s of steps + ~8 s of start-up) reach 281 of the 297 held-out images (94.6 %), 19 of the first
+20; 250 iterations 80-86 %, and a higher LR at 150-250 iterations did worse, not better."""
 
 
 def generate(*args: str) -> subprocess.CompletedProcess:
@@ -29,35 +31,42 @@ def trained(digits_dataset, tmp_path_factory) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "examples/pretrain_hetero_mimo.py", "--config", "digits_cpu", "--data-path",
            str(digits_dataset), "--encoder-dp", "1", "--llm-tp", "1", "--llm-offset", "1",
-           "--train-iters", str(ITERS), "--eval-interval", "0", "--save", str(ckpt)]
+           *RECIPE, "--eval-interval", "0", "--save", str(ckpt)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=ENV)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return ckpt
 
 
-def held_out_images(folder: Path, count: int = 10) -> dict[Path, str]:
-    """PNGs of the first digits of the dataset's order (its val split, never trained on), by
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> dict[Path, str]:
+    """PNGs of the first 20 digits of the dataset's order (its val split, never trained on), by
     their digit word."""
     from megatron_mimo.data.digits import DIGIT_WORDS, load_digits, png_bytes
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = tmp_path_factory.mktemp("held_out")
     images = {}
-    for key, scan, label in load_digits(seed=0)[:count]:  # prepare_digits' default order
+    for key, scan, label in load_digits(seed=0)[:20]:  # prepare_digits' default order
         path = folder / f"{key}.png"
         path.write_bytes(png_bytes(scan, 32))
         images[path] = DIGIT_WORDS[label]
     return images
 
 
-def test_generate_names_the_digit(trained, digits_dataset, tmp_path):
-    images = held_out_images(tmp_path)
+def test_generate_names_the_digit(trained, digits_dataset, held_out):
     done = generate("--load", str(trained), "--tokenizer-model", str(digits_dataset),
-                    "--prompt", "the digit", "--image", *map(str, images))
+                    "--prompt", "the digit", "--image", *map(str, held_out))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert len(lines) == len(images)
-    right = sum(line == word for line, word in zip(lines, images.values(), strict=True))
-    assert right >= 8, list(zip(lines, images.values(), strict=True))  # measured: 10 of 10
+    assert len(lines) == len(held_out)
+    right = sum(line == word for line, word in zip(lines, held_out.values(), strict=True))
+    assert right >= 16, list(zip(lines, held_out.values(), strict=True))  # measured: 19 of 20
+
+
+def test_one_image_is_one_quiet_line(trained, digits_dataset, held_out):
+    path, word = next(iter(held_out.items()))
+    done = generate("--load", str(trained), "--tokenizer-model", str(digits_dataset),
+                    "--prompt", "the digit", "--image", str(path))
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{word}\n", "")
 
 
 def test_generate_bad_input_is_one_line(trained, tmp_path):
