@@ -29,12 +29,24 @@ field_map:
 """
 """Energon's own image-caption sample type: any dataset prepared this way (``energon prepare``
 with these fields) trains, not only ours."""
+VQA_DATASET_YAML_TEXT = """\
+sample_type:
+  __module__: megatron.energon
+  __class__: VQASample
+field_map:
+  image: png
+  context: json[question]
+  answers: json[answers]
+"""
+"""Energon's own VQA sample type: the question and the list of answers come from one JSON
+member per sample (``{"question": ..., "answers": [...]}``)."""
 
 
-def write_dataset_yaml(root: Path) -> Path:
-    """``.nv-meta/dataset.yaml`` (``prepare_dataset`` does not write it)."""
+def write_dataset_yaml(root: Path, text: str = DATASET_YAML_TEXT) -> Path:
+    """``.nv-meta/dataset.yaml`` (``prepare_dataset`` does not write it); ``text``: which
+    sample type the dataset declares (captions by default)."""
     path = Path(root) / META / DATASET_YAML
-    path.write_text(DATASET_YAML_TEXT)
+    path.write_text(text)
     return path
 
 

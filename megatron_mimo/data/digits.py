@@ -13,6 +13,12 @@ What it writes (every file programmatically, no prompt)::
     OUT/tokenizer.json               the words the captions need (data/tokenizer.py)
     OUT/.nv-meta/                    Energon's index (prepare_dataset) and dataset.yaml
 
+``--vqa`` writes instruction data instead (Energon's ``VQASample``, trained with the loss on the
+answers only, :mod:`megatron_mimo.data.vqa`): per sample a question of one of three kinds drawn
+with a fixed seed (:data:`QUESTIONS`) and its answer, as ``<key>.json``
+(``{"question": ..., "answers": [...]}``) beside the PNG; same split and images; the word list
+holds every question and answer word.
+
 After Energon indexes the shards, its per-shard counts are compared with what was written: a shard
 Energon read only partly (a truncated tar) is an error, never a smaller dataset.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import random
 import shutil
@@ -29,7 +36,12 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_mimo.data.checks import check_prepared, write_dataset_yaml
+from megatron_mimo.data.checks import (
+    DATASET_YAML_TEXT,
+    VQA_DATASET_YAML_TEXT,
+    check_prepared,
+    write_dataset_yaml,
+)
 from megatron_mimo.data.tokenizer import WordTokenizer
 from megatron_mimo.errors import DataError
 
@@ -37,11 +49,29 @@ logger = logging.getLogger(__name__)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "val")
+QUESTIONS = ("which digit is this ?", "is this digit even ?", "what is this digit plus one ?")
+"""The three question kinds of ``--vqa``; every one is answered from the image alone."""
+QUESTION_SEED_OFFSET = 1
+"""Question kinds are drawn with ``Random(seed + 1)``: not the sample order's stream."""
 
 
 def caption_of(label: int) -> str:
     """The caption of a digit image: its last word is the answer the model must read off."""
     return f"the digit {DIGIT_WORDS[label]}"
+
+
+def answer_of(kind: int, label: int) -> str:
+    """The answer to question ``QUESTIONS[kind]`` about digit ``label``."""
+    if kind == 0:
+        return DIGIT_WORDS[label]
+    if kind == 1:
+        return "yes" if label % 2 == 0 else "no"
+    return DIGIT_WORDS[(label + 1) % len(DIGIT_WORDS)]
+
+
+def vqa_words() -> list[str]:
+    """Every question and answer text, whichever kinds the seed draws (the word list)."""
+    return [*QUESTIONS, *DIGIT_WORDS, "yes", "no"]
 
 
 def png_bytes(scan, image_size: int) -> bytes:
@@ -62,20 +92,42 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(root: Path, split: str, samples: list[tuple[str, bytes, str]],
+Sample = tuple[str, dict[str, bytes]]
+"""A sample's key and its members by extension (``{"png": ..., "txt": ...}``)."""
+
+
+def write_shards(root: Path, split: str, samples: list[Sample],
                  shard_size: int) -> dict[str, int]:
-    """Write ``samples`` (key, png, caption) into tar shards; return {relative shard path: count}."""
+    """Write ``samples`` into tar shards; return {relative shard path: count}."""
     (root / split).mkdir(parents=True, exist_ok=True)
     written = {}
     for start in range(0, len(samples), shard_size):
         name = f"{split}/shard_{start // shard_size:06d}.tar"
         chunk = samples[start:start + shard_size]
         with tarfile.open(root / name, "w") as tar:
-            for key, png, caption in chunk:
-                _add_member(tar, f"{key}.png", png)
-                _add_member(tar, f"{key}.txt", caption.encode())
+            for key, members in chunk:
+                for extension, data in members.items():
+                    _add_member(tar, f"{key}.{extension}", data)
         written[name] = len(chunk)
     return written
+
+
+def caption_samples(digits: list, image_size: int) -> list[Sample]:
+    """A PNG and a caption per digit."""
+    return [(key, {"png": png_bytes(scan, image_size), "txt": caption_of(label).encode()})
+            for key, scan, label in digits]
+
+
+def vqa_samples(digits: list, image_size: int, seed: int) -> list[Sample]:
+    """A PNG and a question with its answer per digit; the kind is drawn per sample."""
+    kinds = random.Random(seed + QUESTION_SEED_OFFSET)
+    samples = []
+    for key, scan, label in digits:
+        kind = kinds.randrange(len(QUESTIONS))
+        text = {"question": QUESTIONS[kind], "answers": [answer_of(kind, label)]}
+        samples.append((key, {"png": png_bytes(scan, image_size),
+                              "json": json.dumps(text).encode()}))
+    return samples
 
 
 def index_shards(root: Path, written: dict[str, int]) -> None:
@@ -109,8 +161,9 @@ def load_digits(seed: int) -> list[tuple[str, object, int]]:
 
 
 def prepare_digits(out: Path, image_size: int = 32, val_samples: int = 297,
-                   shard_size: int = 250, seed: int = 0) -> dict[str, int]:
-    """Write the digits dataset to ``out``; return the sample count per split.
+                   shard_size: int = 250, seed: int = 0, vqa: bool = False) -> dict[str, int]:
+    """Write the digits dataset to ``out`` (``vqa``: as questions and answers); return the
+    sample count per split.
 
     Everything is written to ``OUT.partial`` and renamed at the end: an interrupted run leaves
     no half dataset behind under ``OUT`` (``make train`` prepares again next time)."""
@@ -122,22 +175,27 @@ def prepare_digits(out: Path, image_size: int = 32, val_samples: int = 297,
         raise DataError(f"--val-samples must lie in 1..{len(digits) - 1}, got {val_samples}")
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    counts = _write_dataset(staging, digits, image_size, val_samples, shard_size)
+    if vqa:
+        samples, words = vqa_samples(digits, image_size, seed), vqa_words()
+    else:
+        samples = caption_samples(digits, image_size)
+        words = [caption_of(label) for _, _, label in digits]
+    counts = _write_dataset(staging, samples, WordTokenizer.from_captions(words), val_samples,
+                            shard_size, VQA_DATASET_YAML_TEXT if vqa else DATASET_YAML_TEXT)
     staging.rename(out)
     return counts
 
 
-def _write_dataset(out: Path, digits: list, image_size: int, val_samples: int,
-                   shard_size: int) -> dict[str, int]:
-    samples = [(key, png_bytes(scan, image_size), caption_of(label))
-               for key, scan, label in digits]
+def _write_dataset(out: Path, samples: list[Sample], tokenizer: WordTokenizer, val_samples: int,
+                   shard_size: int, dataset_yaml: str) -> dict[str, int]:
+    """Shards, word list, Energon's index and ``dataset.yaml`` (which sample type)."""
     parts = {"val": samples[:val_samples], "train": samples[val_samples:]}
     written = {}
     for split in SPLITS:
         written.update(write_shards(out, split, parts[split], shard_size))
-    WordTokenizer.from_captions([caption for _, _, caption in samples]).save(out)
+    tokenizer.save(out)
     index_shards(out, written)
-    write_dataset_yaml(out)
+    write_dataset_yaml(out, dataset_yaml)
     check_prepared(out, written)
     return {split: len(parts[split]) for split in SPLITS}
 
@@ -155,13 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out samples (default 297; the other 1,500 train)")
     digits.add_argument("--shard-size", type=int, default=250, help="samples per tar shard")
     digits.add_argument("--seed", type=int, default=0, help="shuffle seed of the sample order")
+    digits.add_argument("--vqa", action="store_true",
+                        help="write questions and answers (Energon VQASample: the loss covers "
+                             "the answers only) instead of captions")
     return parser
 
 
 def data_main(argv: Sequence[str]) -> int:
     """Entry point of ``megatron-mimo data``; raises DataError on bad input."""
     args = build_parser().parse_args(argv)
-    counts = prepare_digits(args.out, args.image_size, args.val_samples, args.shard_size, args.seed)
+    counts = prepare_digits(args.out, args.image_size, args.val_samples, args.shard_size,
+                            args.seed, args.vqa)
+    kind = "VQA" if args.vqa else "caption"
     print(f"prepared {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items())
-          + f" samples, {args.image_size}x{args.image_size} pixels")
+          + f" {kind} samples, {args.image_size}x{args.image_size} pixels")
     return 0

@@ -1,4 +1,6 @@
-"""Energon loaders of image-caption samples: the task encoder and one savable loader per *view*.
+"""Energon loaders of image-caption samples (``CaptioningSample``) and instruction samples
+(``VQASample``, :mod:`megatron_mimo.data.vqa`): the task encoder and one savable loader per
+*view*.
 
 A view is one data-parallel reader of the dataset (``docs/data.md``): Energon's
 ``WorkerConfig(rank=view, world_size=num_views)`` with the job's ``--num-workers`` and seed. Which
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from megatron_mimo.config.models import PIXEL_NORMS
 from megatron_mimo.data.tokenizer import CaptionTokenizer, SequenceLayout, WordTokenizer
+from megatron_mimo.data.vqa import TurnFormat, first_answer
 from megatron_mimo.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,13 +49,15 @@ def normalised_pixels(image: torch.Tensor, size: int, pixel_norm: str, what: str
 
 @dataclass(frozen=True)
 class SampleFormat:
-    """How one image-caption sample becomes model inputs (the same for every view)."""
+    """How one image-caption or VQA sample becomes model inputs (the same for every view)."""
 
     image_size: int
     layout: SequenceLayout
     tokenizer: CaptionTokenizer
     pixel_norm: str = "half"
     """Key of :data:`PIXEL_NORMS`."""
+    turn: TurnFormat = TurnFormat()
+    """How a VQA sample's question and answer become text (the tokenizer's chat template)."""
 
     def pixels(self, image: torch.Tensor, key: str) -> torch.Tensor:
         """``[3, S, S]`` normalised; other sizes are resized (any dataset trains, not only ours)."""
@@ -64,6 +69,14 @@ class SampleFormat:
         text = self.layout.build(ids, key, answer)
         return {"key": key, "pixels": self.pixels(image, key), **text}
 
+    def encode_vqa(self, key: str, image: torch.Tensor, question: str,
+                   answers: list[str] | str | None) -> dict[str, Any]:
+        """One VQA sample's tensors: the loss covers only its (first) answer and EOS."""
+        prompt_ids, answer_ids = self.turn.split(self.tokenizer, question,
+                                                 first_answer(answers, key), key)
+        text = self.layout.build_turn(prompt_ids, answer_ids, key)
+        return {"key": key, "pixels": self.pixels(image, key), **text}
+
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack every tensor field (Energon's batching never stacks); the keys become a list."""
@@ -73,16 +86,20 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _task_encoder_class():
     """Built on first use: Energon is an optional dependency and slow to import."""
-    from megatron.energon import DefaultTaskEncoder
+    from megatron.energon import DefaultTaskEncoder, VQASample
 
     class ImageCaptionEncoder(DefaultTaskEncoder):
-        """CaptioningSample -> tensors; batches are plain dicts."""
+        """CaptioningSample or VQASample (what ``.nv-meta/dataset.yaml`` declares) -> tensors;
+        batches are plain dicts."""
 
         def __init__(self, sample_format: SampleFormat) -> None:
             super().__init__()
             self.sample_format = sample_format
 
         def encode_sample(self, sample):  # noqa: D102 - Energon's hook
+            if isinstance(sample, VQASample):
+                return self.sample_format.encode_vqa(sample.__key__, sample.image,
+                                                     sample.context, sample.answers)
             return self.sample_format.encode(sample.__key__, sample.image, sample.caption)
 
         def batch(self, samples):  # noqa: D102 - Energon's hook
@@ -163,7 +180,8 @@ def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_to
                       image_token_id: int, tokenizer_model: str | None = None,
                       vocab_size: int | None = None, pixel_norm: str = "half") -> SampleFormat:
     """The captions' tokenizer checked against the language vocabulary: the Hugging Face one
-    of ``tokenizer_model`` (``--tokenizer-model``) if given, else the dataset's word list.
+    of ``tokenizer_model`` (``--tokenizer-model``) if given, else the dataset's word list; VQA
+    samples use its chat template (none: the built-in default, :mod:`megatron_mimo.data.vqa`).
 
     ``vocab_size`` is the model's (None: ``image_token_id + 1``, the placeholder is the last id).
     """
@@ -181,7 +199,8 @@ def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_to
         tokenizer.check_model(image_token_id,
                               image_token_id + 1 if vocab_size is None else vocab_size)
     layout = SequenceLayout.for_tokenizer(tokenizer, seq_length, num_image_tokens, image_token_id)
-    return SampleFormat(image_size, layout, tokenizer, pixel_norm)
+    return SampleFormat(image_size, layout, tokenizer, pixel_norm,
+                        TurnFormat.for_tokenizer(tokenizer))
 
 
 def start_loaders(loaders: list) -> list:

@@ -14,6 +14,10 @@ first use) and, when present, ``tokenizer_config.json`` (which names the special
   the encoding's character offsets (a BPE word may be several tokens; only one is compared).
 - A caption token that is the unknown token is an error naming the sample and the word: a
   silently ``<unk>`` caption would train the model on the wrong text.
+- The chat template (instruction samples, :mod:`megatron_mimo.data.vqa`) is read as transformers
+  reads it: ``chat_template.jinja`` if the folder has one, else the config's ``chat_template``
+  (a string, or a list of named templates of which ``default`` is used); none: the built-in
+  default of :mod:`megatron_mimo.data.vqa`.
 
 :func:`write_word_level` writes a real (WordLevel) Hugging Face tokenizer, so tests and examples
 give a tiny in-process model a tokenizer without downloading anything.
@@ -32,6 +36,7 @@ from megatron_mimo.errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 IMAGE_TOKEN = "<image>"
 FALLBACKS: dict[str, tuple[str, ...]] = {
     "bos_token": ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]"),
@@ -60,6 +65,8 @@ class HFTokenizer:
     image_token_id: int
     vocab_size: int
     """Largest id + 1 (added tokens included): the model's vocabulary must hold every id."""
+    chat_template: str | None = None
+    """Jinja source of the chat template stored with the tokenizer; None: it has none."""
 
     @classmethod
     def load(cls, directory: str | Path) -> HFTokenizer:
@@ -78,7 +85,14 @@ class HFTokenizer:
         vocab = backend.get_vocab(with_added_tokens=True)
         return cls(backend, path, specials.required("bos_token"), eos_id,
                    eos_id if pad_id is None else pad_id, specials.optional("unk_token"),
-                   image_id, max(vocab.values()) + 1)
+                   image_id, max(vocab.values()) + 1,
+                   read_chat_template(directory, directory / CONFIG_FILE, config))
+
+    def template_tokens(self) -> dict[str, str]:
+        """The special tokens a chat template may print, as transformers passes them."""
+        return {"bos_token": self.backend.id_to_token(self.bos_id),
+                "eos_token": self.backend.id_to_token(self.eos_id),
+                "pad_token": self.backend.id_to_token(self.pad_id)}
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` (special tokens left out)."""
@@ -164,6 +178,28 @@ def word_at(caption: str, start: int, end: int) -> str:
         if match.start() <= position < match.end():
             return match.group()
     return caption[start:end]
+
+
+def read_chat_template(directory: Path, config_path: Path, config: dict[str, Any]) -> str | None:
+    """The folder's chat template with transformers' precedence (module docstring); None: none."""
+    path = directory / CHAT_TEMPLATE_FILE
+    if path.exists():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = " ".join(str(error).split())
+            raise DataError(f"{path}: cannot read the chat template ({reason})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise DataError(f"{config_path}: chat_template lists the templates "
+                            f"{sorted(map(str, named))} but none named 'default'")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise DataError(f"{config_path}: chat_template is a {type(template).__name__}, not a "
+                        f"string or a list of named templates")
+    return template or None
 
 
 def _read_backend(path: Path) -> Any:

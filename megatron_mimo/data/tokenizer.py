@@ -10,7 +10,8 @@ Sequence of one sample (``seq_length`` tokens)::
 
 Labels are the next token; the loss covers the caption words and EOS. The *answer* is the last
 caption word (the digit of ``"the digit seven"``): accuracy is the argmax at the position whose
-label is that word.
+label is that word. An instruction sample (:mod:`megatron_mimo.data.vqa`) puts its question's
+tokens before the answer's and keeps them out of the loss (:meth:`SequenceLayout.build_turn`).
 
 A Hugging Face tokenizer (``--tokenizer-model``, :mod:`megatron_mimo.data.hf_tokenizer`) serves
 the same :class:`CaptionTokenizer` protocol, so the layout never depends on which one is used.
@@ -145,20 +146,41 @@ class SequenceLayout:
 
         ``answer_index`` is the caption id the accuracy is measured on (default: the last);
         ``answer_position`` is the position whose label is that id."""
-        text = caption_ids + [self.eos_id]
-        used = 1 + self.num_image_tokens + len(text)
+        used = 1 + self.num_image_tokens + len(caption_ids) + 1
         if used > self.seq_length or not caption_ids:
             raise DataError(f"sample {key}: caption of {len(caption_ids)} tokens needs "
                             f"{used} tokens with the image, --seq-length is {self.seq_length}")
         answer = len(caption_ids) - 1 if answer_index is None else answer_index
+        return self._tensors([], caption_ids, answer)
+
+    def build_turn(self, prompt_ids: list[int], answer_ids: list[int],
+                   key: str = "?") -> dict[str, torch.Tensor]:
+        """Like :meth:`build` for a question and its answer (``docs/data.md``, "Instruction
+        data"): the loss covers only the answer ids and EOS, and ``answer_position`` is the
+        position whose label is the answer's first id. An answer that does not fit is an
+        error: cut, it would train on a truncated (or no) answer."""
+        used = 1 + self.num_image_tokens + len(prompt_ids) + len(answer_ids) + 1
+        if not answer_ids:
+            raise DataError(f"sample {key}: the answer has no tokens")
+        if used > self.seq_length:
+            raise DataError(f"sample {key}: question of {len(prompt_ids)} tokens and answer of "
+                            f"{len(answer_ids)} tokens need {used} tokens with the image and "
+                            f"EOS, --seq-length is {self.seq_length}: the answer would be cut")
+        return self._tensors(prompt_ids, answer_ids, 0)
+
+    def _tensors(self, prompt_ids: list[int], target_ids: list[int],
+                 answer_index: int) -> dict[str, torch.Tensor]:
+        """The sample's tensors; the loss covers ``target_ids`` and EOS, not ``prompt_ids``."""
+        text = prompt_ids + target_ids + [self.eos_id]
         input_ids = torch.full((self.seq_length,), self.pad_id, dtype=torch.long)
         input_ids[0] = self.bos_id
         input_ids[1:1 + self.num_image_tokens] = self.image_token_id
         start = 1 + self.num_image_tokens
         input_ids[start:start + len(text)] = torch.tensor(text)
         labels = torch.roll(input_ids, -1)
+        target = start + len(prompt_ids)
         loss_mask = torch.zeros(self.seq_length)
-        loss_mask[start - 1:start - 1 + len(text)] = 1.0  # positions whose label is a caption id/EOS
+        loss_mask[target - 1:target + len(target_ids)] = 1.0  # labels: a target id or EOS
         return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
                 "position_ids": torch.arange(self.seq_length),
-                "answer_position": torch.tensor(start + answer - 1)}
+                "answer_position": torch.tensor(target + answer_index - 1)}
