@@ -296,4 +296,32 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
         "contents": sorted(contents.names()), "config_name": config.get("name"),
         "summary": progress,
         "model": {section: config[section] for section in ("images", "language")},
+        "frozen": frozen_modules(config),
     }
+
+
+FREEZE_FLAGS = {"vit": "freeze_vit", "projection": "freeze_projection", "lm": "freeze_lm"}
+"""Module -> the training field (``--freeze-*``) that freezes it."""
+
+
+def frozen_modules(config: dict[str, Any]) -> list[str]:
+    """The modules a run with ``config`` (a plain config dict) keeps frozen, in a fixed order."""
+    training = config.get("training", {})
+    return [module for module, field in FREEZE_FLAGS.items() if training.get(field)]
+
+
+def check_trainable(manifest: dict[str, Any], frozen: list[str], loads_optimizer: bool) -> None:
+    """Optimizer state belongs to the set of parameters it trained: resuming it under another
+    set would pair moments with the wrong parameters (or none), so it is refused in one line;
+    a new stage loads the weights only (``--finetune``: a fresh optimizer for the new set)."""
+    saved = manifest.get("frozen", [])  # a manifest older than the record trained everything
+    if not loads_optimizer or saved == frozen:
+        return
+
+    def describe(modules: list[str]) -> str:
+        return "frozen " + ", ".join(modules) if modules else "nothing frozen"
+
+    flags = " ".join(f"--freeze-{m}" for m in saved) or "no --freeze-* flag"
+    raise CheckpointError(f"the checkpoint was trained with {describe(saved)}, this run has "
+                          f"{describe(frozen)}: its optimizer state belongs to the other set; "
+                          f"resume with {flags}, or start the new stage with --finetune")

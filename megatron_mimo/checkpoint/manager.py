@@ -39,6 +39,8 @@ from megatron_mimo.checkpoint.contents import (
     Contents,
     Pieces,
     apply_loaded,
+    check_trainable,
+    frozen_modules,
     manifest_for,
     sharded_state,
     summary,
@@ -299,6 +301,7 @@ class CheckpointManager:
         if not self.ckpt.no_ckpt_verify:
             self._verify(directory, manifest)
         contents = Contents.to_load(ckpt, manifest, self.topology, self.precision)
+        check_trainable(manifest, frozen_modules(self.config), contents.optimizer)
         template = sharded_state(self.pieces, self.topology, contents, saving=False)
         try:
             loaded = dist_checkpointing.load(template, str(directory),

@@ -100,8 +100,12 @@ def images_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) -> 
         ln_pre = 0 if cfg.kind == "siglip" else _norm(hidden, True)
         stem = (ln_pre + 3 * patch * patch * hidden + conv_bias + tokens * hidden
                 + cfg.class_tokens * hidden)
-    projector = _mlp(language_hidden, cfg.projector_ffn, tp, cfg.projector_input_size)
-    return stem + layers + projector
+    return stem + layers + projector_parameters(cfg, language_hidden, tp)
+
+
+def projector_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) -> int:
+    """Parameters of the images branch's MLP projector on one rank at ``tp``."""
+    return _mlp(language_hidden, cfg.projector_ffn, tp, cfg.projector_input_size)
 
 
 @dataclass(frozen=True)
@@ -129,17 +133,30 @@ def branch_parameters(cfg: MimoConfig, branch: str, stage: int = 0) -> int:
     return language_parameters(cfg.language, layout.tp, layout.pp, stage)
 
 
+def trainable_parameters(cfg: MimoConfig, branch: str, stage: int = 0) -> int:
+    """Parameters of one rank that train (``--freeze-*`` leaves the others without gradient,
+    main parameter or Adam moments)."""
+    training = cfg.training
+    if branch == LANGUAGE:
+        return 0 if training.freeze_lm else branch_parameters(cfg, branch, stage)
+    tp = cfg.parallel(branch).tp
+    projector = projector_parameters(cfg.images, cfg.language.hidden_size, tp)
+    encoder = branch_parameters(cfg, branch) - projector
+    return (0 if training.freeze_vit else encoder) + (0 if training.freeze_projection else projector)
+
+
 def rank_memory(cfg: MimoConfig, branch: str, stage: int = 0) -> RankMemory:
     """Memory of one rank of ``branch`` (at pipeline stage ``stage``): 16-bit training keeps fp32
     main params; the distributed optimizer shards main params and Adam moments over the
-    branch's DP ranks."""
+    branch's DP ranks; frozen parameters have weights only."""
     params, dp = branch_parameters(cfg, branch, stage), cfg.parallel(branch).dp
+    trained = trainable_parameters(cfg, branch, stage)
     precision = cfg.precision
     weight_bytes = 4 if precision.name == "fp32" else 2
     grad_bytes = 4 if precision.grads_in_fp32 else 2
-    main = 4 * params // dp if precision.name != "fp32" else 0
-    return RankMemory(branch, params, params * weight_bytes, params * grad_bytes, main,
-                      8 * params // dp)
+    main = 4 * trained // dp if precision.name != "fp32" else 0
+    return RankMemory(branch, params, params * weight_bytes, trained * grad_bytes, main,
+                      8 * trained // dp)
 
 
 def format_memory(cfg: MimoConfig) -> str:

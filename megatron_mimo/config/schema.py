@@ -103,8 +103,18 @@ class TrainingConfig:
     """Stop after the iteration that is a multiple of N."""
     exit_duration_in_mins: float | None = None
     """Stop (saving a checkpoint with --save) once this many minutes have passed since start."""
+    freeze_vit: bool = False
+    """Freeze the vision encoder (LLaVA stage 1 and 2): its weights never change, it runs in eval
+    mode, its optimizer holds none of them."""
+    freeze_projection: bool = False
+    """Freeze the projector between vision encoder and language model."""
+    freeze_lm: bool = False
+    """Freeze the language model (LLaVA stage 1); it still passes gradients back to the projector."""
 
     def __post_init__(self) -> None:
+        _require(not (self.freeze_vit and self.freeze_projection and self.freeze_lm),
+                 "training.freeze_vit, training.freeze_projection and training.freeze_lm "
+                 "together leave nothing to train: drop one of them")
         _require_positive("training", micro_batch_size=self.micro_batch_size,
                           global_batch_size=self.global_batch_size, train_iters=self.train_iters)
         _require(self.global_batch_size % self.micro_batch_size == 0,
@@ -241,6 +251,9 @@ class MimoConfig:
         specs = self.branch_specs()
         check_layout(specs, self.world_size)
         check_batch_split(specs, self.training.global_batch_size, self.job_micro_batch)
+        _require(not (self.training.freeze_lm and self.precision.fp16),
+                 "training.freeze_lm with --fp16: the frozen language branch has no optimizer, "
+                 "hence no loss scaler to scale its loss by; train it in --bf16")
         self._validate_model_split()
         self._validate_pipeline_split()
 

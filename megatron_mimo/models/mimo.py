@@ -16,6 +16,7 @@ from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.common import TORCH_DTYPES, branch_init_seed
+from megatron_mimo.models.freezing import freeze_branch, log_branch_counts
 from megatron_mimo.models.hybrid import mamba_hybrid_spec
 from megatron_mimo.models.language import gpt_spec
 from megatron_mimo.models.vision import images_submodule_spec
@@ -56,6 +57,7 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
 
     The default generator is seeded per branch right before building, so a branch's initial
     weights do not depend on the layout (CPU initialisation also makes them TP-independent).
+    The --freeze-* flags take effect here, before the wrapping (:mod:`.freezing`).
     """
     specs = branch_specs(cfg, topology, device)
     mimo_config = MimoModelConfig(
@@ -71,12 +73,14 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     pgs = topology.pgs(branch)
     fixed = apply_branch_tp_group(model, pgs.tp)
     logger.debug("%s branch: set the branch TP group on %s", branch, ", ".join(fixed) or "nothing")
+    inner = model.modality_submodules[IMAGES] if branch == IMAGES else model.language_model
+    # before DDP: DDP allocates gradient buffers for, and the optimizer takes, trainable params only
+    freeze_branch(inner, branch, cfg.training)
+    log_branch_counts(inner, branch, pgs, device)
     if branch == IMAGES:
-        inner = model.modality_submodules[IMAGES]
         model.modality_submodules[IMAGES] = wrap_branch(inner, pgs, _first_config(inner), cfg.precision)
     else:
-        model.language_model = wrap_branch(model.language_model, pgs, model.language_model.config,
-                                           cfg.precision)
+        model.language_model = wrap_branch(inner, pgs, inner.config, cfg.precision)
     return model
 
 

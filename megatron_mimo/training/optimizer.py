@@ -70,18 +70,30 @@ class MimoOptimizerWithWorkarounds(MimoOptimizer):
 
 def build_mimo_optimizer(cfg: MimoConfig, model: MimoModel, topology: Topology,
                          device: torch.device) -> MimoOptimizer:
-    """One DistributedOptimizer for this rank's branch, chained with the other branch's stub."""
+    """One DistributedOptimizer for this rank's branch (its trainable parameters only), chained
+    with the other branch's stub.
+
+    A branch with nothing to train (``--freeze-vit --freeze-projection``, ``--freeze-lm``) has no
+    optimizer: its ranks' MimoOptimizer is a stub that still joins every world all-reduce
+    (found-inf, grad norm, where the branch adds 0, success). It still calls
+    ``get_megatron_optimizer``, which agrees the param groups over the whole world (the other
+    branch waits in that collective); that call returns no stub here but an optimizer over one
+    empty param group, which cannot be checkpointed (torch Adam without state), so it is dropped.
+    """
     infos: dict[str, ModuleOptimizerInfo] = {}
     for branch in BRANCHES:
         active = topology.in_branch(branch)
         optimizer = None
         if active:
+            module = branch_module(model, branch)
             optimizer = get_megatron_optimizer(
                 config=mcore_optimizer_config(cfg, branch),
-                model_chunks=[branch_module(model, branch)],
+                model_chunks=[module],
                 pg_collection=topology.pgs(branch),
                 use_gloo_process_groups=False,
             )
+            if not any(p.requires_grad for p in module.parameters()):
+                optimizer = None
         infos[branch] = ModuleOptimizerInfo(
             optimizer=optimizer, grid=topology.grid(branch),
             pg_collection=topology.pgs(branch) if active else None, is_active=active)
@@ -125,17 +137,18 @@ class BranchSchedulers:
 
 
 class _LrHolder:
-    """Optimizer stand-in for a branch this rank does not own: one param group, no params."""
+    """Optimizer stand-in for a branch this rank does not own, or one with nothing to train:
+    one param group, no params."""
 
     def __init__(self) -> None:
         self.param_groups = [{"params": [], "lr": 0.0, "weight_decay": 0.0}]
 
 
 def build_schedulers(cfg: MimoConfig, optimizer: MimoOptimizer, topology: Topology) -> BranchSchedulers:
-    """Schedulers for all branches: the real optimizer for this rank's branch."""
+    """Schedulers for all branches: the real optimizer for this rank's branch (if it trains)."""
     schedulers = {}
     for branch in BRANCHES:
         info = optimizer.module_infos[branch]
-        target = info.optimizer if info.is_active else _LrHolder()
+        target = info.optimizer if info.optimizer is not None else _LrHolder()
         schedulers[branch] = build_scheduler(cfg, target, branch)
     return BranchSchedulers(schedulers)

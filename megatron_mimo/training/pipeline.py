@@ -11,6 +11,12 @@ the forward step and the loss function (a per-token sum; the global token count 
 gradients after the grad sync, :mod:`megatron_mimo.training.step`), and the timing of the
 communication, installed once per job (:func:`time_communication`).
 
+A fully frozen images branch (``--freeze-vit --freeze-projection``) returns an output without
+``grad_fn``: megatron-core's ``backward_step_multimodule`` skips its backward. The bridge exchange
+stays the same on both sides: language stage 0 receives the activation with ``requires_grad``
+(``BridgeCommunicator.recv_forward``), so it always computes and sends the gradient back, and the
+images ranks receive it and drop it.
+
 What must stay true: every layout trains like the single-rank reference, one language stage or
 several (``tests/distributed/test_hetero_training.py``), and a resumed run's records equal the
 uninterrupted run's bit for bit (``tests/distributed/test_checkpoint_resume.py``).

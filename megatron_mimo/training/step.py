@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mimo.config.layout import LANGUAGE
+from megatron_mimo.models.freezing import train_mode
 from megatron_mimo.training.job import Job
 from megatron_mimo.training.pipeline import pipeline_forward_backward
 from megatron_mimo.training.state import BatchSums, EvalResult, StepResult
@@ -70,7 +71,7 @@ def evaluate(job: Job) -> EvalResult:
         for batches in job.data.eval_batches(job.cfg.training.eval_iters):
             totals += world_sums(job, pipeline_forward_backward(job, batches, forward_only=True))
     finally:
-        job.model.train()
+        train_mode(job.model)  # frozen modules (--freeze-*) stay in eval mode
         job.timer.reset()
     return EvalResult(loss=totals.loss_sum / max(totals.num_tokens, 1),
                       accuracy=totals.correct / max(totals.answers, 1))
