@@ -14,7 +14,9 @@ from tests.harness import REPO_ROOT
 
 SBATCH = REPO_ROOT / "slurm" / "train_hetero.sbatch"
 CHAIN = REPO_ROOT / "slurm" / "chain.sh"
-SCRIPTS = [SBATCH, CHAIN, *sorted((REPO_ROOT / "tests" / "slurm").glob("*.sh"))]
+TWO_STAGE = REPO_ROOT / "slurm" / "llava_two_stage.sh"
+SCRIPTS = [SBATCH, CHAIN, TWO_STAGE, REPO_ROOT / "examples" / "llava_two_stage.sh",
+           *sorted((REPO_ROOT / "tests" / "slurm").glob("*.sh"))]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -116,3 +118,20 @@ def test_chain_queues_dependent_jobs(tmp_path):
     deps = [[w for w in c if w.startswith("--dependency=")] for c in calls]
     assert deps == [[], ["--dependency=afterany:DRYRUN1"], ["--dependency=afterany:DRYRUN2"]]
     assert (tmp_path / "job").is_dir()
+
+
+def test_two_stages_queue_stage_two_after_stage_one_succeeded():
+    """Stage 1: captions, projector only, from the import; stage 2: VQA with the LLM, from
+    stage 1's weights, after stage 1 succeeded."""
+    env = {**os.environ, "DRY_RUN": "1", "PRETRAINED": "/ck/import", "CAPTIONS": "/d/cap",
+           "VQA": "/d/vqa", "OUT": "/runs/llava"}
+    proc = subprocess.run(["bash", str(TWO_STAGE), "-N", "1"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    one, two = proc.stderr.strip().splitlines()
+    assert "JOB_DIR=/runs/llava/stage1" in one and "JOB_DIR=/runs/llava/stage2" in two
+    assert ("--data-path /d/cap --pretrained-checkpoint /ck/import --freeze-vit --freeze-lm "
+            "--tokenizer-model /ck/import/hf") in one
+    assert ("--data-path /d/vqa --pretrained-checkpoint /runs/llava/stage1 --freeze-vit "
+            "--tokenizer-model /ck/import/hf") in two
+    assert "--dependency" not in one and "--dependency=afterok:<stage1>" in two
