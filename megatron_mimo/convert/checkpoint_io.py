@@ -23,7 +23,7 @@ from megatron.core.models.mimo import MimoModel
 from megatron_mimo.checkpoint import integrity, storage
 from megatron_mimo.checkpoint.contents import FORMAT
 from megatron_mimo.config.layout import BRANCHES
-from megatron_mimo.config.schema import SECTION_TYPES, MimoConfig
+from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.convert.single import SINGLE_LAYOUT
 from megatron_mimo.errors import CheckpointError
 
@@ -84,14 +84,14 @@ def resolve(root: Path, step: int | None = None) -> Path:
 
 def saved_model_config(directory: Path) -> MimoConfig:
     """The model sections a checkpoint's manifest records, as a config (other sections default)."""
-    manifest = storage.read_manifest(directory)
-    if "model" not in manifest:
+    from megatron_mimo.config.from_checkpoint import saved_model
+
+    model = saved_model(directory)
+    if model is None:
         raise CheckpointError(f"{directory / storage.MANIFEST_FILENAME} does not record the model "
                               f"(saved by an older version): cannot rebuild it")
-    model = manifest["model"]
-    return MimoConfig(images=SECTION_TYPES["images"](**model["images"]),
-                      language=SECTION_TYPES["language"](**model["language"]),
-                      name=manifest.get("config_name") or "custom")
+    name = storage.read_manifest(directory).get("config_name") or "custom"
+    return MimoConfig(images=model["images"], language=model["language"], name=name)
 
 
 def load_model(model: MimoModel, directory: Path, dtype: torch.dtype = torch.float32,

@@ -120,22 +120,6 @@ class HFWeights:
             self._open[file, copy] = safe_open(str(self.directory / file), "pt", **options)
         return self._open[file, copy].get_tensor(name)  # type: ignore[attr-defined]
 
-    def nbytes(self, name: str) -> int:
-        """Bytes of a tensor, from the file header (nothing read)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.directory / self.files[name]), "pt") as handle:
-            view = handle.get_slice(name)
-            shape, dtype = view.get_shape(), view.get_dtype()
-        numel = 1
-        for size in shape:
-            numel *= size
-        return numel * DTYPE_BYTES.get(dtype, 4)
-
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
-               "BOOL": 1}
-
 
 def write_shards(directory: Path, names: list[str], sizes: dict[str, int],
                  produce: Iterable[tuple[str, torch.Tensor]],

@@ -23,11 +23,11 @@ from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.convert import hf_config
 from megatron_mimo.convert.hf_files import HFWeights, canonical, side_files
 from megatron_mimo.convert.rules import COMBINED, PROJECTOR, heads_of, rules_for, to_ours
+from megatron_mimo.data.hf_tokenizer import IMAGE_TOKEN, TOKENIZER_FILE
 from megatron_mimo.errors import ConvertError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
 SIDECAR = storage.SIDECAR_DIRNAME
 CONVERSION_FILE = "conversion.json"
 UNUSED_FILE = "unused.safetensors"
@@ -56,15 +56,21 @@ class Source:
         return reader.get(name, copy)
 
 
+def image_token_in(directory: Path) -> tuple[Path, int | None]:
+    """``directory/tokenizer.json`` and its ``<image>`` id (None: the token is absent);
+    an unreadable file is one line naming it."""
+    from megatron_mimo.data.hf_tokenizer import read_backend
+
+    path = Path(directory) / TOKENIZER_FILE
+    return path, read_backend(path).token_to_id(IMAGE_TOKEN)
+
+
 def check_tokenizer(directory: Path, image_token: int) -> None:
     """The tokenizer must hold LLaVA's image token at the config's id (one line otherwise)."""
-    path = Path(directory) / "tokenizer.json"
-    if not path.exists():
+    if not (Path(directory) / TOKENIZER_FILE).exists():
         logger.warning("%s has no tokenizer.json: the checkpoint has no tokenizer", directory)
         return
-    from tokenizers import Tokenizer
-
-    found = Tokenizer.from_file(str(path)).token_to_id(IMAGE_TOKEN)
+    path, found = image_token_in(directory)
     if found != image_token:
         what = "has no" if found is None else f"has id {found} for the"
         raise ConvertError(f"{path} {what} image token {IMAGE_TOKEN!r} (the model config says "
@@ -96,13 +102,10 @@ def import_pair(vision_dir: Path, language_dir: Path) -> tuple[MimoConfig, dict,
 
 
 def _image_token_from_tokenizer(directory: Path) -> int:
-    path = Path(directory) / "tokenizer.json"
-    if not path.exists():
-        raise ConvertError(f"{path} is missing: the LLM's tokenizer must hold the image token "
-                           f"{IMAGE_TOKEN!r}")
-    from tokenizers import Tokenizer
-
-    token = Tokenizer.from_file(str(path)).token_to_id(IMAGE_TOKEN)
+    if not (Path(directory) / TOKENIZER_FILE).exists():
+        raise ConvertError(f"{Path(directory) / TOKENIZER_FILE} is missing: the LLM's tokenizer "
+                           f"must hold the image token {IMAGE_TOKEN!r}")
+    path, token = image_token_in(directory)
     if token is None:
         raise ConvertError(f"{path} has no image token {IMAGE_TOKEN!r}: add it to the tokenizer "
                            f"(and a row to the embeddings) before importing")

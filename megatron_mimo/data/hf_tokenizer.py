@@ -73,7 +73,7 @@ class HFTokenizer:
         """Read ``directory/tokenizer.json`` (and ``tokenizer_config.json`` if present)."""
         directory = Path(directory)
         path = directory / TOKENIZER_FILE
-        backend = _read_backend(path)
+        backend = read_backend(path)
         config = _read_config(directory / CONFIG_FILE)
         specials = SpecialTokens(backend, path, directory / CONFIG_FILE, config)
         image_id = backend.token_to_id(IMAGE_TOKEN)
@@ -202,7 +202,7 @@ def read_chat_template(directory: Path, config_path: Path, config: dict[str, Any
     return template or None
 
 
-def _read_backend(path: Path) -> Any:
+def read_backend(path: Path) -> Any:
     """The ``tokenizers.Tokenizer`` of ``path``; any failure is one line naming the file."""
     try:
         from tokenizers import Tokenizer
