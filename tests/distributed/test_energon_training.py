@@ -1,13 +1,26 @@
 """Training on real data through Energon (docs/data.md): both branches read the same samples
 under two DP pairings, a resume continues bit for bit with the loader's own state (0 and 2
-worker processes), a loader state from another layout is refused, and the image carries the
-answer. (A changed --num-workers, seed, batch size or dataset is refused by the record check:
+worker processes; instruction data with the vision tower frozen), the loss of instruction data
+counts exactly the answers, a loader state from another layout is refused, and the image carries
+the answer. (A changed --num-workers, seed, batch size or dataset is refused by the record check:
 tests/unit/test_energon_data.py.)"""
+
+import json
+import tarfile
+from pathlib import Path
 
 import pytest
 
 from tests.harness import run_world
-from tests.workers.data_world import LEARN_ITERS, WORKERS, N, Place, ResumedRun, SavedRun
+from tests.workers.data_world import (
+    GLOBAL_BATCH,
+    LEARN_ITERS,
+    RUNS,
+    N,
+    Place,
+    ResumedRun,
+    SavedRun,
+)
 
 pytest.importorskip("megatron.energon")
 pytestmark = pytest.mark.dist
@@ -26,13 +39,24 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def saved(digits, root):
-    return run_world(WORKER, 4, {"mode": "saved", "data": digits, "root": root}, timeout=300)
+def vqa(tmp_path_factory):
+    from megatron_mimo.data.digits import prepare_digits
+
+    root = tmp_path_factory.mktemp("digits-vqa") / "ds"
+    prepare_digits(root, vqa=True)
+    return str(root)
 
 
 @pytest.fixture(scope="module")
-def resumed(digits, root, saved):
-    return run_world(WORKER, 4, {"mode": "resumed", "data": digits, "root": root}, timeout=300)
+def saved(digits, vqa, root):
+    return run_world(WORKER, 4, {"mode": "saved", "data": digits, "vqa": vqa, "root": root},
+                     timeout=300)
+
+
+@pytest.fixture(scope="module")
+def resumed(digits, vqa, root, saved):
+    return run_world(WORKER, 4, {"mode": "resumed", "data": digits, "vqa": vqa, "root": root},
+                     timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +80,15 @@ def _agree(ranks: list[tuple[Place, list[list[str]]]]) -> None:
         assert images == language and len(set(images)) == len(images), (m, images, language)
 
 
-def _with_workers(runs: list[SavedRun] | list[ResumedRun], workers: int):
-    """The run of ``runs`` (one rank's) that used ``workers`` loader worker processes."""
-    (run,) = [run for run in runs if run.workers == workers]
+def _named(runs: list[SavedRun] | list[ResumedRun], name: str):
+    """The run ``name`` of :data:`RUNS` among ``runs`` (one rank's)."""
+    (run,) = [run for run in runs if run.name == name]
     return run
 
 
-@pytest.mark.parametrize("workers", WORKERS)
-def test_images_dp2_and_language_dp1_read_the_same_samples(saved, workers):
-    runs = [_with_workers(rank, workers) for rank in saved]
+@pytest.mark.parametrize("name", RUNS)
+def test_images_dp2_and_language_dp1_read_the_same_samples(saved, name):
+    runs = [_named(rank, name) for rank in saved]
     for step in range(2 * N):
         _agree([(run.place, run.straight[step].keys) for run in runs])
 
@@ -74,15 +98,40 @@ def test_images_dp1_and_language_dp3_read_the_same_samples(resumed):
         _agree([(r.fan_out.place, r.fan_out.steps[step].keys) for r in resumed])
 
 
-@pytest.mark.parametrize("workers", WORKERS)
-def test_resume_on_real_data_is_bit_exact_with_the_loader_state(saved, resumed, workers):
+@pytest.mark.parametrize("name", RUNS)
+def test_resume_on_real_data_is_bit_exact_with_the_loader_state(saved, resumed, name):
     for rank_saved, rank_resumed in zip(saved, resumed, strict=True):
-        run = _with_workers(rank_saved, workers)
+        run = _named(rank_saved, name)
         assert run.until_save == run.straight[:N]
-        got = _with_workers(rank_resumed.runs, workers)
+        got = _named(rank_resumed.runs, name)
         assert got.iteration == N
         # every exact record key and this rank's sample keys of every micro-batch
         assert got.steps == run.straight[N:]
+
+
+def _answers(dataset: str) -> dict[str, list[str]]:
+    """Every sample's answers, read from the shards themselves (key -> answers)."""
+    out = {}
+    for shard in Path(dataset).glob("*/*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    text = json.load(tar.extractfile(member))
+                    out[member.name.removesuffix(".json")] = text["answers"]
+    return out
+
+
+def test_instruction_loss_counts_exactly_the_answers_and_their_end_tokens(saved, vqa):
+    """Per iteration, the world's loss tokens are the words of every sample's (first) answer
+    plus its end token: no question, image or padding token is trained."""
+    answers = _answers(vqa)
+    runs = [_named(rank, "vqa") for rank in saved]
+    language = [run for run in runs if run.place.branch == "language" and run.place.tp == 0]
+    for step in range(2 * N):
+        keys = [key for run in language for batch in run.straight[step].keys for key in batch]
+        assert len(keys) == GLOBAL_BATCH, keys
+        expected = sum(len(answers[key][0].split()) + 1 for key in keys)
+        assert {run.straight[step].record["num_tokens"] for run in runs} == {expected}, step
 
 
 def test_layout_change_cannot_resume_the_loader(resumed):

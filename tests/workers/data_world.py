@@ -1,9 +1,10 @@
 """Worlds on real data (a prepared digits dataset, ``args["data"]``).
 
 Modes (args["mode"]):
-  "saved"    4 ranks, images DP2 -> language TP2 DP1; for --num-workers 0 and 2: 2N iterations
-             straight, then N iterations + save (the sample keys of every micro-batch on every
-             rank are recorded)
+  "saved"    4 ranks, images DP2 -> language TP2 DP1; for each run of :data:`RUNS` (captions
+             with --num-workers 0 and 2; instruction data, ``args["vqa"]``, with the vision tower
+             frozen as in LLaVA's stage 2): 2N iterations straight, then N iterations + save (the
+             sample keys of every micro-batch on every rank are recorded)
   "resumed"  fresh processes: each checkpoint loaded and trained N more iterations; then
              images DP1 -> language DP3: that checkpoint's loader state refused (another
              layout), and sample agreement
@@ -24,12 +25,19 @@ from tests.workers.ckpt_world import exact
 from tests.workers.common import forbid_parallel_state_groups, worker_main
 
 N = 3
-WORKERS = (0, 2)
+RUNS: dict[str, dict[str, Any]] = {
+    "w0": {"data.num_workers": 0},
+    "w2": {"data.num_workers": 2},
+    "vqa": {"data.num_workers": 0, "training.freeze_vit": True},
+}
+"""Runs of modes "saved" and "resumed" by name; "vqa" reads ``args["vqa"]``, the others
+``args["data"]``."""
 FAN_OUT = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.dp": 3,
            "language_parallel.offset": 1, "training.micro_batch_size": 4,
            "training.global_batch_size": 24}
 TWO_RANKS = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.offset": 1}
 LEARN_ITERS = 200
+GLOBAL_BATCH = 16
 
 
 @dataclass
@@ -51,9 +59,9 @@ class Step:
 
 @dataclass
 class SavedRun:
-    """Mode "saved", one --num-workers: the straight run and the run until its save."""
+    """Mode "saved", one run of :data:`RUNS`: the straight run and the run until its save."""
 
-    workers: int
+    name: str
     place: Place
     straight: list[Step]
     until_save: list[Step]
@@ -61,9 +69,9 @@ class SavedRun:
 
 @dataclass
 class ResumedRun:
-    """Mode "resumed", one --num-workers: the checkpoint's iteration and N more steps."""
+    """Mode "resumed", one run of :data:`RUNS`: the checkpoint's iteration and N more steps."""
 
-    workers: int
+    name: str
     iteration: int
     steps: list[Step]
 
@@ -106,7 +114,7 @@ class Learning:
 def make_cfg(data: str, overrides: dict[str, Any]) -> MimoConfig:
     base = {"data.data_path": data, "images.hidden_dropout": 0.1,
             "language.hidden_dropout": 0.1, "scheduler.lr_warmup_iters": N + 1,
-            "training.train_iters": 2 * N, "training.global_batch_size": 16,
+            "training.train_iters": 2 * N, "training.global_batch_size": GLOBAL_BATCH,
             "training.micro_batch_size": 8, "checkpoint.ckpt_timeout_s": 60}
     return apply_overrides(tiny_cpu(), {**base, **overrides})
 
@@ -125,20 +133,24 @@ def steps(trainer, count: int) -> list[Step]:
     return out
 
 
+def run_cfg(args: dict, name: str, overrides: dict[str, Any] | None = None) -> MimoConfig:
+    """The configuration of run ``name`` of :data:`RUNS`."""
+    data = args["vqa"] if name == "vqa" else args["data"]
+    return make_cfg(data, {**RUNS[name], **(overrides or {})})
+
+
 def mode_saved(args: dict) -> list[SavedRun]:
-    """One :class:`SavedRun` per entry of :data:`WORKERS`, in that order."""
+    """One :class:`SavedRun` per entry of :data:`RUNS`, in that order."""
     from megatron_mimo.training.trainer import Trainer
 
     out = []
-    for workers in WORKERS:
-        with Trainer(make_cfg(args["data"], {"data.num_workers": workers})) as straight:
+    for name in RUNS:
+        with Trainer(run_cfg(args, name)) as straight:
             where, straight_steps = place(straight), steps(straight, 2 * N)
-        root = f"{args['root']}/w{workers}"
-        with Trainer(make_cfg(args["data"], {"data.num_workers": workers,
-                                             "checkpoint.save": root})) as saved:
+        with Trainer(run_cfg(args, name, {"checkpoint.save": f"{args['root']}/{name}"})) as saved:
             until_save = steps(saved, N)
             saved.save()
-        out.append(SavedRun(workers=workers, place=where, straight=straight_steps,
+        out.append(SavedRun(name=name, place=where, straight=straight_steps,
                             until_save=until_save))
     return out
 
@@ -155,11 +167,10 @@ def mode_resumed(args: dict) -> Resumed:
     from megatron_mimo.training.trainer import Trainer
 
     runs = []
-    for workers in WORKERS:
-        with Trainer(make_cfg(args["data"], {"data.num_workers": workers,
-                                             "checkpoint.load": f"{args['root']}/w{workers}"})) as run:
+    for name in RUNS:
+        with Trainer(run_cfg(args, name, {"checkpoint.load": f"{args['root']}/{name}"})) as run:
             run.load()
-            runs.append(ResumedRun(workers=workers, iteration=run.state.iteration,
+            runs.append(ResumedRun(name=name, iteration=run.state.iteration,
                                    steps=steps(run, N)))
     other_layout = {**FAN_OUT, "checkpoint.load": f"{args['root']}/w0",
                     "checkpoint.no_load_optim": True}
