@@ -15,3 +15,15 @@ def digits_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits") / "ds"
     assert prepare_digits(root) == {"train": 1500, "val": 297}
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_av_dataset(tmp_path_factory) -> Path:
+    """The digits paired with DTMF tones (``prepare-digits --audio``), prepared once per session."""
+    pytest.importorskip("megatron.energon")
+    pytest.importorskip("sklearn")
+    from megatron_mimo.data.digits import prepare_digits
+
+    root = tmp_path_factory.mktemp("digits-av") / "ds"
+    assert prepare_digits(root, audio=True) == {"train": 1500, "val": 297}
+    return root

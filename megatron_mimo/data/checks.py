@@ -40,6 +40,23 @@ field_map:
 """
 """Energon's own VQA sample type: the question and the list of answers come from one JSON
 member per sample (``{"question": ..., "answers": [...]}``)."""
+AUDIO_DATASET_YAML_TEXT = """\
+sample_type:
+  __module__: megatron_mimo.data.energon_samples
+  __class__: AudioCaptionSample
+field_map:
+  image: png
+  audio: wav
+  caption: json[caption]
+  image_answer: json[image_answer]
+  audio_answer: json[audio_answer]
+"""
+"""Our image + clip + caption sample type: the clip is a WAV member (decoded by the task
+encoder, not by Energon), the caption and the indices of its two answer words come from one
+JSON member (``{"caption": "image seven tone three", "image_answer": 1, "audio_answer": 3}``)."""
+SAMPLE_KINDS = {"CaptioningSample": "caption", "VQASample": "VQA",
+                "AudioCaptionSample": "audio"}
+"""What the task encoder does with each sample type ``dataset.yaml`` may declare."""
 
 
 def write_dataset_yaml(root: Path, text: str = DATASET_YAML_TEXT) -> Path:
@@ -104,6 +121,41 @@ def check_dataset(root: Path) -> dict[str, int]:
     for name, count in counts.items():
         _check_shard(root, name, count)
     return counts
+
+
+def sample_type(root: Path) -> str:
+    """The class name of the sample type ``.nv-meta/dataset.yaml`` declares."""
+    import yaml
+
+    path = Path(root) / META / DATASET_YAML
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())
+        raise DataError(f"{path}: cannot read it ({type(error).__name__}: {reason})") from None
+    declared = data.get("sample_type", data) if isinstance(data, dict) else None
+    name = declared.get("__class__") if isinstance(declared, dict) else None
+    if not isinstance(name, str):
+        raise DataError(f"{path}: declares no sample type (sample_type: __class__)")
+    return name
+
+
+def check_sample_kind(root: Path, audio: bool) -> str:
+    """The dataset's kind (:data:`SAMPLE_KINDS`); audio samples need a job with an audio
+    branch and such a job needs audio samples (other samples have no clip to feed it, and an
+    audio sample's clip would be dropped). Returns the sample type's name."""
+    name = sample_type(root)
+    kind = SAMPLE_KINDS.get(name, name)
+    where = f"--data-path {root} holds {kind} samples ({META}/{DATASET_YAML}: {name})"
+    if kind == "audio" and not audio:
+        raise DataError(f"{where} but the job has no audio branch: give it one (--audio-tp, "
+                        f"--audio-dp, --audio-offset; e.g. --config tiny_cpu_av) or train on "
+                        f"caption or VQA samples")
+    if audio and kind != "audio":
+        raise DataError(f"{where} but the job has an audio branch, which needs audio samples "
+                        f"(AudioCaptionSample, e.g. `megatron-mimo data prepare-digits OUT "
+                        f"--audio`): train on such a dataset or without the audio branch")
+    return name
 
 
 def split_size(root: Path, split: str) -> int:

@@ -19,6 +19,13 @@ with a fixed seed (:data:`QUESTIONS`) and its answer, as ``<key>.json``
 (``{"question": ..., "answers": [...]}``) beside the PNG; same split and images; the word list
 holds every question and answer word.
 
+``--audio`` pairs every digit image with the telephone (DTMF) tone of another, independently
+drawn digit (:func:`audio_samples`): ``<key>.wav`` (mono 16-bit PCM at the default audio
+encoder's sample rate, a random length from :data:`MIN_TONE_SECONDS` to the encoder's longest
+clip, with noise) and ``<key>.json`` (``{"caption": "image seven tone three", "image_answer": 1,
+"audio_answer": 3}``: the caption and which of its words each input decides), our
+``AudioCaptionSample`` (:mod:`megatron_mimo.data.energon_samples`); same split and images.
+
 After Energon indexes the shards, its per-shard counts are compared with what was written: a shard
 Energon read only partly (a truncated tar) is an error, never a smaller dataset.
 """
@@ -36,7 +43,12 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from megatron_mimo.config.models import AudioModelConfig
+from megatron_mimo.data.audio import dtmf, wav_bytes
 from megatron_mimo.data.checks import (
+    AUDIO_DATASET_YAML_TEXT,
     DATASET_YAML_TEXT,
     VQA_DATASET_YAML_TEXT,
     check_prepared,
@@ -53,6 +65,13 @@ QUESTIONS = ("which digit is this ?", "is this digit even ?", "what is this digi
 """The three question kinds of ``--vqa``; every one is answered from the image alone."""
 QUESTION_SEED_OFFSET = 1
 """Question kinds are drawn with ``Random(seed + 1)``: not the sample order's stream."""
+TONE_STREAM = 2
+"""Tones are drawn from ``numpy.random.default_rng([seed, 2])``: a stream of their own, so the
+tone's digit is independent of the image's (and of the sample order)."""
+MIN_TONE_SECONDS = 0.1
+"""Shortest tone written; the longest is the audio encoder's longest clip."""
+TONE_NOISE = 0.05
+"""Standard deviation of the Gaussian noise on every tone (each sine peaks at 0.4)."""
 
 
 def caption_of(label: int) -> str:
@@ -67,6 +86,17 @@ def answer_of(kind: int, label: int) -> str:
     if kind == 1:
         return "yes" if label % 2 == 0 else "no"
     return DIGIT_WORDS[(label + 1) % len(DIGIT_WORDS)]
+
+
+def audio_caption_of(label: int, tone: int) -> str:
+    """The caption of a digit image with a tone: word 1 is the image's answer, word 3 the
+    tone's (neither can be guessed from the other input)."""
+    return f"image {DIGIT_WORDS[label]} tone {DIGIT_WORDS[tone]}"
+
+
+def audio_words() -> list[str]:
+    """Every word an audio caption may use, whichever tones the seed draws (the word list)."""
+    return [audio_caption_of(d, d) for d in range(len(DIGIT_WORDS))]
 
 
 def vqa_words() -> list[str]:
@@ -130,6 +160,26 @@ def vqa_samples(digits: list, image_size: int, seed: int) -> list[Sample]:
     return samples
 
 
+def audio_samples(digits: list, image_size: int, seed: int,
+                  audio: AudioModelConfig | None = None) -> list[Sample]:
+    """A PNG, a DTMF tone and a caption with both answers per digit; the tone's digit, length
+    and noise come from the tone stream (:data:`TONE_STREAM`), at the sizes of ``audio``
+    (default: :class:`AudioModelConfig`'s, the ``tiny_cpu_av`` encoder's)."""
+    cfg = audio or AudioModelConfig()
+    tones = np.random.default_rng([seed, TONE_STREAM])
+    shortest = min(round(MIN_TONE_SECONDS * cfg.sample_rate), cfg.max_samples)
+    samples = []
+    for key, scan, label in digits:
+        tone = int(tones.integers(len(DIGIT_WORDS)))
+        length = int(tones.integers(shortest, cfg.max_samples + 1))
+        clip = dtmf(tone, cfg.sample_rate, length, tones, TONE_NOISE)
+        text = {"caption": audio_caption_of(label, tone), "image_answer": 1, "audio_answer": 3}
+        samples.append((key, {"png": png_bytes(scan, image_size),
+                              "wav": wav_bytes(clip, cfg.sample_rate),
+                              "json": json.dumps(text).encode()}))
+    return samples
+
+
 def index_shards(root: Path, written: dict[str, int]) -> None:
     """Energon's ``prepare_dataset`` without prompts; its chatter goes to the debug log."""
     from megatron.energon.flavors.webdataset import BaseWebdatasetFactory
@@ -161,13 +211,16 @@ def load_digits(seed: int) -> list[tuple[str, object, int]]:
 
 
 def prepare_digits(out: Path, image_size: int = 32, val_samples: int = 297,
-                   shard_size: int = 250, seed: int = 0, vqa: bool = False) -> dict[str, int]:
-    """Write the digits dataset to ``out`` (``vqa``: as questions and answers); return the
-    sample count per split.
+                   shard_size: int = 250, seed: int = 0, vqa: bool = False,
+                   audio: bool = False) -> dict[str, int]:
+    """Write the digits dataset to ``out`` (``vqa``: as questions and answers; ``audio``: each
+    image with the tone of another digit); return the sample count per split.
 
     Everything is written to ``OUT.partial`` and renamed at the end: an interrupted run leaves
     no half dataset behind under ``OUT`` (``make train`` prepares again next time)."""
     out = Path(out)
+    if vqa and audio:
+        raise DataError("--vqa and --audio are two kinds of dataset: choose one")
     if out.exists():
         raise DataError(f"{out} already exists: choose another folder or delete it")
     digits = load_digits(seed)
@@ -177,11 +230,16 @@ def prepare_digits(out: Path, image_size: int = 32, val_samples: int = 297,
     shutil.rmtree(staging, ignore_errors=True)
     if vqa:
         samples, words = vqa_samples(digits, image_size, seed), vqa_words()
+        dataset_yaml = VQA_DATASET_YAML_TEXT
+    elif audio:
+        samples, words = audio_samples(digits, image_size, seed), audio_words()
+        dataset_yaml = AUDIO_DATASET_YAML_TEXT
     else:
         samples = caption_samples(digits, image_size)
         words = [caption_of(label) for _, _, label in digits]
+        dataset_yaml = DATASET_YAML_TEXT
     counts = _write_dataset(staging, samples, WordTokenizer.from_captions(words), val_samples,
-                            shard_size, VQA_DATASET_YAML_TEXT if vqa else DATASET_YAML_TEXT)
+                            shard_size, dataset_yaml)
     staging.rename(out)
     return counts
 
@@ -213,9 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out samples (default 297; the other 1,500 train)")
     digits.add_argument("--shard-size", type=int, default=250, help="samples per tar shard")
     digits.add_argument("--seed", type=int, default=0, help="shuffle seed of the sample order")
-    digits.add_argument("--vqa", action="store_true",
-                        help="write questions and answers (Energon VQASample: the loss covers "
-                             "the answers only) instead of captions")
+    kind = digits.add_mutually_exclusive_group()
+    kind.add_argument("--vqa", action="store_true",
+                      help="write questions and answers (Energon VQASample: the loss covers "
+                           "the answers only) instead of captions")
+    kind.add_argument("--audio", action="store_true",
+                      help="pair each image with the telephone (DTMF) tone of an independently "
+                           "drawn digit: 'image seven tone three' (for a job with an audio "
+                           "branch, e.g. --config tiny_cpu_av)")
     return parser
 
 
@@ -223,8 +286,8 @@ def data_main(argv: Sequence[str]) -> int:
     """Entry point of ``megatron-mimo data``; raises DataError on bad input."""
     args = build_parser().parse_args(argv)
     counts = prepare_digits(args.out, args.image_size, args.val_samples, args.shard_size,
-                            args.seed, args.vqa)
-    kind = "VQA" if args.vqa else "caption"
+                            args.seed, args.vqa, args.audio)
+    kind = "VQA" if args.vqa else "audio" if args.audio else "caption"
     print(f"prepared {args.out}: " + ", ".join(f"{n} {split}" for split, n in counts.items())
           + f" {kind} samples, {args.image_size}x{args.image_size} pixels")
     return 0

@@ -1,6 +1,7 @@
-"""Energon loaders of image-caption samples (``CaptioningSample``) and instruction samples
-(``VQASample``, :mod:`megatron_mimo.data.vqa`): the task encoder and one savable loader per
-*view*.
+"""Energon loaders of image-caption samples (``CaptioningSample``), instruction samples
+(``VQASample``, :mod:`megatron_mimo.data.vqa`) and image + clip samples (our
+``AudioCaptionSample``, :mod:`megatron_mimo.data.energon_samples`): the task encoder and one
+savable loader per *view*.
 
 A view is one data-parallel reader of the dataset (``docs/data.md``): Energon's
 ``WorkerConfig(rank=view, world_size=num_views)`` with the job's ``--num-workers`` and seed. Which
@@ -8,7 +9,9 @@ views a rank runs is decided in :mod:`megatron_mimo.data.views` from the rank's 
 rank and size; never from a global rank.
 
 Every sample that fails to decode or tokenize raises (Energon's default handler logs and skips
-up to 100 in a row): a training sample never vanishes silently.
+up to 100 in a row): a training sample never vanishes silently. A clip is decoded here, not by
+Energon (:class:`~megatron_mimo.data.energon_samples.RawAudioDecoder`): one error per bad WAV,
+no PyAV needed.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from megatron_mimo.config.models import PIXEL_NORMS
-from megatron_mimo.data.tokenizer import CaptionTokenizer, SequenceLayout, WordTokenizer
+from megatron_mimo.config.models import PIXEL_NORMS, AudioModelConfig
+from megatron_mimo.data.audio import log_mel, read_wav, silence
+from megatron_mimo.data.tokenizer import (
+    CaptionTokenizer,
+    SequenceLayout,
+    WordTokenizer,
+    word_token_index,
+)
 from megatron_mimo.data.vqa import TurnFormat, first_answer
 from megatron_mimo.errors import DataError
 
@@ -58,13 +67,35 @@ class SampleFormat:
     """Key of :data:`PIXEL_NORMS`."""
     turn: TurnFormat = TurnFormat()
     """How a VQA sample's question and answer become text (the tokenizer's chat template)."""
+    audio: AudioModelConfig | None = None
+    """The audio encoder's sizes with an audio branch (then every sample has a clip's features
+    and audio slots); None: no audio branch."""
 
     def pixels(self, image: torch.Tensor, key: str) -> torch.Tensor:
         """``[3, S, S]`` normalised; other sizes are resized (any dataset trains, not only ours)."""
         return normalised_pixels(image, self.image_size, self.pixel_norm, f"sample {key}")
 
+    def features(self, wav: bytes | None, key: str) -> torch.Tensor:
+        """``[num_mel_bins, max_frames]`` log-mel features of a WAV file's clip; no clip
+        (None): the features of silence."""
+        cfg = self._audio(key)
+        return silence(cfg) if wav is None else log_mel(read_wav(wav, key, cfg.sample_rate),
+                                                        cfg, key)
+
+    def _audio(self, key: str) -> AudioModelConfig:
+        if self.audio is None:
+            raise DataError(f"sample {key}: an audio sample, but the job has no audio branch")
+        return self.audio
+
+    def _no_audio(self, key: str) -> None:
+        """Samples without a clip cannot fill the audio slots of an audio job."""
+        if self.audio is not None:
+            raise DataError(f"sample {key}: the job has an audio branch but the sample has no "
+                            f"clip (not an AudioCaptionSample)")
+
     def encode(self, key: str, image: torch.Tensor, caption: str) -> dict[str, Any]:
         """One sample's tensors, plus its key (what tests and logs identify it by)."""
+        self._no_audio(key)
         ids, answer = self.tokenizer.encode_with_answer(caption, key)
         text = self.layout.build(ids, key, answer)
         return {"key": key, "pixels": self.pixels(image, key), **text}
@@ -72,10 +103,25 @@ class SampleFormat:
     def encode_vqa(self, key: str, image: torch.Tensor, question: str,
                    answers: list[str] | str | None) -> dict[str, Any]:
         """One VQA sample's tensors: the loss covers only its (first) answer and EOS."""
+        self._no_audio(key)
         prompt_ids, answer_ids = self.turn.split(self.tokenizer, question,
                                                  first_answer(answers, key), key)
         text = self.layout.build_turn(prompt_ids, answer_ids, key)
         return {"key": key, "pixels": self.pixels(image, key), **text}
+
+    def encode_audio(self, key: str, image: torch.Tensor, wav: bytes | None, caption: str,
+                     image_answer: int, audio_answer: int) -> dict[str, Any]:
+        """One image + clip sample's tensors: pixels, the clip's features, and the caption
+        after the image and audio slots; ``answer_position`` predicts the caption word
+        ``image_answer`` (counted from 0), ``audio_answer_position`` the word ``audio_answer``."""
+        features = self.features(wav, key)
+        for name, value in (("image_answer", image_answer), ("audio_answer", audio_answer)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DataError(f"sample {key}: {name} {value!r} is not a word index")
+        ids, image_index = word_token_index(self.tokenizer, caption, image_answer, key)
+        _, audio_index = word_token_index(self.tokenizer, caption, audio_answer, key)
+        text = self.layout.build(ids, key, image_index, audio_index)
+        return {"key": key, "pixels": self.pixels(image, key), "audio": features, **text}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -88,15 +134,23 @@ def _task_encoder_class():
     """Built on first use: Energon is an optional dependency and slow to import."""
     from megatron.energon import DefaultTaskEncoder, VQASample
 
+    from megatron_mimo.data.energon_samples import AudioCaptionSample, RawAudioDecoder
+
     class ImageCaptionEncoder(DefaultTaskEncoder):
-        """CaptioningSample or VQASample (what ``.nv-meta/dataset.yaml`` declares) -> tensors;
-        batches are plain dicts."""
+        """CaptioningSample, VQASample or AudioCaptionSample (what ``.nv-meta/dataset.yaml``
+        declares) -> tensors; batches are plain dicts."""
 
         def __init__(self, sample_format: SampleFormat) -> None:
             super().__init__()
             self.sample_format = sample_format
+            if sample_format.audio is not None:  # clips reach encode_sample as WAV bytes
+                self.decoder = RawAudioDecoder()
 
         def encode_sample(self, sample):  # noqa: D102 - Energon's hook
+            if isinstance(sample, AudioCaptionSample):
+                return self.sample_format.encode_audio(
+                    sample.__key__, sample.image, sample.audio, sample.caption,
+                    sample.image_answer, sample.audio_answer)
             if isinstance(sample, VQASample):
                 return self.sample_format.encode_vqa(sample.__key__, sample.image,
                                                      sample.context, sample.answers)
@@ -178,29 +232,45 @@ def _own_generator(loader, spec: ViewSpec):
 
 def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_tokens: int,
                       image_token_id: int, tokenizer_model: str | None = None,
-                      vocab_size: int | None = None, pixel_norm: str = "half") -> SampleFormat:
+                      vocab_size: int | None = None, pixel_norm: str = "half",
+                      audio: AudioModelConfig | None = None,
+                      audio_token_id: int | None = None) -> SampleFormat:
     """The captions' tokenizer checked against the language vocabulary: the Hugging Face one
     of ``tokenizer_model`` (``--tokenizer-model``) if given, else the dataset's word list; VQA
     samples use its chat template (none: the built-in default, :mod:`megatron_mimo.data.vqa`).
 
     ``vocab_size`` is the model's (None: ``image_token_id + 1``, the placeholder is the last id).
+    ``audio`` (with an audio branch): every sample gets a clip's features and
+    ``audio.num_audio_tokens`` slots of ``audio_token_id`` after the image's.
     """
+    if audio is not None and audio_token_id is None:
+        raise ValueError("an audio sample format needs the model's audio token id")
     tokenizer: CaptionTokenizer
     if tokenizer_model is None:
         tokenizer = WordTokenizer.load(path)
-        if tokenizer.vocab_size > image_token_id:
+        reserved = image_token_id if audio is None else min(image_token_id, audio_token_id)
+        if audio is None and tokenizer.vocab_size > reserved:
             raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words "
                             f"but ids from {image_token_id} up are reserved (--vocab-size "
                             f"{image_token_id + 1}): raise --vocab-size")
+        if tokenizer.vocab_size > reserved:  # the words' ids must not be a placeholder's
+            raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words "
+                            f"but ids from {reserved} up are reserved for the image and audio "
+                            f"placeholders (--image-token-id {image_token_id}, --audio-token-id "
+                            f"{audio_token_id}): raise --vocab-size")
     else:
         from megatron_mimo.data.hf_tokenizer import HFTokenizer
 
         tokenizer = HFTokenizer.load(tokenizer_model)
         tokenizer.check_model(image_token_id,
                               image_token_id + 1 if vocab_size is None else vocab_size)
-    layout = SequenceLayout.for_tokenizer(tokenizer, seq_length, num_image_tokens, image_token_id)
+        if audio is not None:
+            tokenizer.check_audio_token(audio_token_id)
+    layout = SequenceLayout.for_tokenizer(tokenizer, seq_length, num_image_tokens, image_token_id,
+                                          0 if audio is None else audio.num_audio_tokens,
+                                          audio_token_id)
     return SampleFormat(image_size, layout, tokenizer, pixel_norm,
-                        TurnFormat.for_tokenizer(tokenizer))
+                        TurnFormat.for_tokenizer(tokenizer), audio)
 
 
 def start_loaders(loaders: list) -> list:

@@ -9,7 +9,8 @@ first use) and, when present, ``tokenizer_config.json`` (which names the special
   ``{"content": ...}``), else the tokenizer's own (``<s>``, ``</s>``, ...); no pad token: the
   EOS id pads, as with Llama (padded positions are outside the loss anyway).
 - The image placeholder is the vocabulary's ``<image>`` token (LLaVA's); its id must be the
-  model's ``--image-token-id``.
+  model's ``--image-token-id``. With an audio branch, a vocabulary's ``<audio>`` must be the
+  model's ``--audio-token-id``; without one, that id must lie above the tokenizer's ids.
 - The answer is the FIRST token of the caption's last whitespace-separated word, found from
   the encoding's character offsets (a BPE word may be several tokens; only one is compared).
 - A caption token that is the unknown token is an error naming the sample and the word: a
@@ -38,6 +39,8 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"
+"""The audio placeholder a tokenizer may hold (with an audio branch)."""
 FALLBACKS: dict[str, tuple[str, ...]] = {
     "bos_token": ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]"),
     "eos_token": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[SEP]"),
@@ -122,6 +125,20 @@ class HFTokenizer:
             raise DataError(f"{self.path}: {IMAGE_TOKEN!r} is id {self.image_token_id} but the "
                             f"model's image token id is {image_token_id}: pass --image-token-id "
                             f"{self.image_token_id}")
+
+    def check_audio_token(self, audio_token_id: int) -> None:
+        """With an audio branch: the vocabulary's ``<audio>`` must be the model's audio
+        placeholder; without one, the placeholder must be no id of the tokenizer (a caption
+        token equal to it would be taken for an audio slot)."""
+        own = self.backend.token_to_id(AUDIO_TOKEN)
+        if own is not None and own != audio_token_id:
+            raise DataError(f"{self.path}: {AUDIO_TOKEN!r} is id {own} but the model's audio "
+                            f"token id is {audio_token_id}: pass --audio-token-id {own}")
+        if own is None and audio_token_id < self.vocab_size:
+            raise DataError(f"{self.path}: the model's audio token id {audio_token_id} is the "
+                            f"tokenizer's {self.backend.id_to_token(audio_token_id)!r}: add an "
+                            f"{AUDIO_TOKEN!r} token or pass an --audio-token-id of at least "
+                            f"{self.vocab_size}")
 
 
 class SpecialTokens:

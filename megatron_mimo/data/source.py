@@ -9,8 +9,9 @@ Two sources behind one interface (:class:`BranchData`):
   runs (:mod:`megatron_mimo.data.views`); its state is every loader's own state, as plain
   types, with the record it must match on resume (:mod:`megatron_mimo.data.loader_state`).
 
-A rank gets only what its branch needs: images ranks pixels, language ranks the text tensors;
-both get the sample keys, which is how tests prove both branches read the same samples.
+A rank gets only what its branch needs: images ranks pixels, audio ranks the clips' log-mel
+features (with an audio branch), language ranks the text tensors (:func:`text_fields`); every
+rank gets the sample keys, which is how tests prove all branches read the same samples.
 """
 
 from __future__ import annotations
@@ -22,28 +23,41 @@ from typing import Any
 
 import torch
 
-from megatron_mimo.config.layout import IMAGES
+from megatron_mimo.config.layout import AUDIO, IMAGES
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.data.mock import EVAL_INDEX_BASE, MockImageText
 from megatron_mimo.data.sampler import BranchSampler, DataPosition
-from megatron_mimo.data.views import assign_views
+from megatron_mimo.data.views import assign_branch_views
 from megatron_mimo.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("input_ids", "labels", "loss_mask", "position_ids", "answer_position")
-"""What a language rank reads of a sample."""
+"""What a language rank reads of a sample (without an audio branch)."""
+AUDIO_ANSWER_FIELD = "audio_answer_position"
+"""With an audio branch, also this: the position whose label is the word the clip decides."""
 
 Batch = dict[str, Any]
+
+
+def text_fields(branches: tuple[str, ...]) -> tuple[str, ...]:
+    """What a language rank reads of a sample in a job with ``branches`` (``cfg.branches``)."""
+    return TEXT_FIELDS + ((AUDIO_ANSWER_FIELD,) if AUDIO in branches else ())
 
 
 class BranchData:
     """Reads this rank's part of every global batch, in order; subclasses say how."""
 
     def __init__(self, branch: str, num_microbatches: int, global_batch_size: int,
-                 blank_images: bool) -> None:
+                 blank_images: bool, blank_audio: bool = False,
+                 silence: torch.Tensor | None = None,
+                 text_fields: tuple[str, ...] = TEXT_FIELDS) -> None:
         self.branch, self.num_microbatches = branch, num_microbatches
         self.global_batch_size, self.blank_images = global_batch_size, blank_images
+        # silence: one clip's features of silence, [num_mel_bins, max_frames] (--blank-audio)
+        self.blank_audio, self.silence, self.text_fields = blank_audio, silence, text_fields
+        if blank_audio and silence is None:
+            raise ValueError("blank_audio needs the features of silence")
         self.last_keys: list[list[str]] = []
         """Sample keys of each micro-batch of the last global batch this rank read."""
 
@@ -56,12 +70,17 @@ class BranchData:
         raise NotImplementedError
 
     def select(self, batch: Batch) -> Batch:
-        """What this rank's branch uses of a full batch (``--blank-images`` zeroes pixels here)."""
+        """What this rank's branch uses of a full batch (``--blank-images`` zeroes pixels here,
+        ``--blank-audio`` replaces every clip by silence)."""
         if self.branch == IMAGES:
             pixels = batch["pixels"]
             return {"keys": batch["keys"],
                     "pixels": torch.zeros_like(pixels) if self.blank_images else pixels}
-        return {"keys": batch["keys"], **{name: batch[name] for name in TEXT_FIELDS}}
+        if self.branch == AUDIO:
+            audio = batch["audio"]
+            return {"keys": batch["keys"],
+                    "audio": self.silence.expand_as(audio).clone() if self.blank_audio else audio}
+        return {"keys": batch["keys"], **{name: batch[name] for name in self.text_fields}}
 
     def next_global_batch(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch; the position advances."""
@@ -98,6 +117,8 @@ class MockSource(BranchData):
         batch = {"keys": [str(i) for i in indices]}
         if self.branch == IMAGES:
             return {**batch, "pixels": self.dataset.pixels(indices)}
+        if self.branch == AUDIO:
+            return {**batch, "audio": self.dataset.audio(indices)}
         return {**batch, **self.dataset.tokens(indices)}
 
     def _read_micro_batch(self, micro_step: int) -> Batch:
@@ -230,12 +251,18 @@ class EnergonSource(BranchData):
 def build_branch_data(cfg: MimoConfig, branch: str, dp_rank: int) -> BranchData:
     """This rank's data: Energon views with --data-path, mock samples without."""
     dp_size = cfg.parallel(branch).dp
+    audio = cfg.audio if AUDIO in cfg.branches else None
     common = {"branch": branch, "num_microbatches": cfg.num_microbatches,
               "global_batch_size": cfg.training.global_batch_size,
-              "blank_images": cfg.data.blank_images}
+              "blank_images": cfg.data.blank_images, "blank_audio": cfg.data.blank_audio,
+              "text_fields": text_fields(cfg.branches)}
+    if audio is not None:
+        from megatron_mimo.data.audio import silence
+
+        common["silence"] = silence(audio)
     if not cfg.data.data_path:
         sampler = BranchSampler(cfg.job_micro_batch, dp_size, dp_rank)
-        dataset = MockImageText(cfg.images, cfg.language, cfg.training.seed)
+        dataset = MockImageText(cfg.images, cfg.language, cfg.training.seed, audio=audio)
         return MockSource(dataset, sampler, **common)
     return build_energon_source(cfg, branch, dp_rank, common)
 
@@ -253,18 +280,23 @@ def tokenizer_checksum(tokenizer_model: str | None) -> str:
 def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
                          common: dict[str, Any]) -> EnergonSource:
     """Check the dataset folder, then one loader per view this rank runs."""
-    from megatron_mimo.data.checks import check_dataset, split_size
+    from megatron_mimo.data.checks import check_dataset, check_sample_kind, split_size
     from megatron_mimo.data.energon import ViewSpec, sample_format_for
     from megatron_mimo.data.loader_state import LoaderRecord
 
     path = Path(cfg.data.data_path).resolve()
     check_dataset(path)
-    assignment = assign_views(cfg.job_micro_batch, cfg.images_parallel.dp,
-                              cfg.language_parallel.dp, cfg.parallel(branch).dp, dp_rank)
+    audio = cfg.audio if AUDIO in cfg.branches else None
+    check_sample_kind(path, audio=audio is not None)
+    # every branch's DP sizes: each DP rank of each branch reads its slice in bridge order
+    assignment = assign_branch_views(cfg.job_micro_batch,
+                                     {b: cfg.parallel(b).dp for b in cfg.branches},
+                                     cfg.parallel(branch).dp, dp_rank)
     sample_format = sample_format_for(path, cfg.images.image_size, cfg.language.seq_length,
                                       cfg.images.num_image_tokens, cfg.language.image_token_id,
                                       cfg.data.tokenizer_model, cfg.language.vocab_size,
-                                      cfg.images.pixel_norm)
+                                      cfg.images.pixel_norm, audio,
+                                      cfg.language.audio_token_id if audio else None)
     seed, workers = cfg.training.seed, cfg.data.num_workers
     views = [ViewSpec(path, v, assignment.num_views, workers, seed, assignment.batch_size)
              for v in assignment.views]

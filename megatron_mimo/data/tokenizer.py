@@ -8,9 +8,14 @@ Sequence of one sample (``seq_length`` tokens)::
 
     [BOS, <image> x num_image_tokens, word_1 ... word_k, EOS, PAD ...]
 
-Labels are the next token; the loss covers the caption words and EOS. The *answer* is the last
-caption word (the digit of ``"the digit seven"``): accuracy is the argmax at the position whose
-label is that word. An instruction sample (:mod:`megatron_mimo.data.vqa`) puts its question's
+With an audio branch the clip's slots follow the image's (``<audio> x num_audio_tokens`` right
+after the image slots, :attr:`SequenceLayout.num_audio_tokens`); without one the layout is the
+one above, bit for bit.
+
+Labels are the next token; the loss covers the caption words and EOS, never a placeholder slot.
+The *answer* is the last caption word (the digit of ``"the digit seven"``): accuracy is the
+argmax at the position whose label is that word. An audio sample has a second answer, the word
+the clip decides (``audio_answer_position``). An instruction sample (:mod:`megatron_mimo.data.vqa`) puts its question's
 tokens before the answer's and keeps them out of the loss (:meth:`SequenceLayout.build_turn`).
 
 A Hugging Face tokenizer (``--tokenizer-model``, :mod:`megatron_mimo.data.hf_tokenizer`) serves
@@ -20,6 +25,7 @@ the same :class:`CaptionTokenizer` protocol, so the layout never depends on whic
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -123,8 +129,8 @@ class WordTokenizer:
 
 @dataclass(frozen=True)
 class SequenceLayout:
-    """Where the image and caption go in a ``seq_length`` sequence, with the tokenizer's own
-    special ids (a Llama vocabulary has BOS 1, EOS 2, no pad: pad = EOS)."""
+    """Where the image (and the clip) and the caption go in a ``seq_length`` sequence, with the
+    tokenizer's own special ids (a Llama vocabulary has BOS 1, EOS 2, no pad: pad = EOS)."""
 
     seq_length: int
     num_image_tokens: int
@@ -132,26 +138,52 @@ class SequenceLayout:
     bos_id: int
     eos_id: int
     pad_id: int
+    num_audio_tokens: int = 0
+    """Audio slots after the image slots (0: the job has no audio branch)."""
+    audio_token_id: int | None = None
+    """The model's audio placeholder id (``--audio-token-id``); only with audio slots."""
+
+    def __post_init__(self) -> None:
+        if self.num_audio_tokens and self.audio_token_id is None:
+            raise ValueError("a layout with audio slots needs the audio token id")
 
     @classmethod
     def for_tokenizer(cls, tokenizer: CaptionTokenizer, seq_length: int, num_image_tokens: int,
-                      image_token_id: int) -> SequenceLayout:
-        """The layout of ``tokenizer``'s ids; ``image_token_id`` is the model's placeholder."""
+                      image_token_id: int, num_audio_tokens: int = 0,
+                      audio_token_id: int | None = None) -> SequenceLayout:
+        """The layout of ``tokenizer``'s ids; ``image_token_id`` (and ``audio_token_id``) are
+        the model's placeholders."""
         return cls(seq_length, num_image_tokens, image_token_id, tokenizer.bos_id,
-                   tokenizer.eos_id, tokenizer.pad_id)
+                   tokenizer.eos_id, tokenizer.pad_id, num_audio_tokens,
+                   audio_token_id if num_audio_tokens else None)
 
-    def build(self, caption_ids: list[int], key: str = "?",
-              answer_index: int | None = None) -> dict[str, torch.Tensor]:
-        """input_ids, labels, loss_mask, position_ids and answer_position of one sample.
+    @property
+    def media_tokens(self) -> int:
+        """Placeholder slots after BOS: the image's, then the clip's."""
+        return self.num_image_tokens + self.num_audio_tokens
+
+    @property
+    def _media(self) -> str:
+        """What the placeholders are, for error messages."""
+        return "the image and the clip" if self.num_audio_tokens else "the image"
+
+    def build(self, caption_ids: list[int], key: str = "?", answer_index: int | None = None,
+              audio_answer_index: int | None = None) -> dict[str, torch.Tensor]:
+        """input_ids, labels, loss_mask, position_ids and answer_position of one sample (and
+        audio_answer_position with audio slots).
 
         ``answer_index`` is the caption id the accuracy is measured on (default: the last);
-        ``answer_position`` is the position whose label is that id."""
-        used = 1 + self.num_image_tokens + len(caption_ids) + 1
+        ``answer_position`` is the position whose label is that id. ``audio_answer_index`` is
+        the id the clip decides (default: the last)."""
+        used = 1 + self.media_tokens + len(caption_ids) + 1
         if used > self.seq_length or not caption_ids:
             raise DataError(f"sample {key}: caption of {len(caption_ids)} tokens needs "
-                            f"{used} tokens with the image, --seq-length is {self.seq_length}")
-        answer = len(caption_ids) - 1 if answer_index is None else answer_index
-        return self._tensors([], caption_ids, answer)
+                            f"{used} tokens with {self._media}, --seq-length is "
+                            f"{self.seq_length}")
+        last = len(caption_ids) - 1
+        answer = last if answer_index is None else answer_index
+        audio_answer = last if audio_answer_index is None else audio_answer_index
+        return self._tensors([], caption_ids, answer, audio_answer)
 
     def build_turn(self, prompt_ids: list[int], answer_ids: list[int],
                    key: str = "?") -> dict[str, torch.Tensor]:
@@ -159,28 +191,58 @@ class SequenceLayout:
         data"): the loss covers only the answer ids and EOS, and ``answer_position`` is the
         position whose label is the answer's first id. An answer that does not fit is an
         error: cut, it would train on a truncated (or no) answer."""
-        used = 1 + self.num_image_tokens + len(prompt_ids) + len(answer_ids) + 1
+        used = 1 + self.media_tokens + len(prompt_ids) + len(answer_ids) + 1
         if not answer_ids:
             raise DataError(f"sample {key}: the answer has no tokens")
         if used > self.seq_length:
             raise DataError(f"sample {key}: question of {len(prompt_ids)} tokens and answer of "
-                            f"{len(answer_ids)} tokens need {used} tokens with the image and "
-                            f"EOS, --seq-length is {self.seq_length}: the answer would be cut")
-        return self._tensors(prompt_ids, answer_ids, 0)
+                            f"{len(answer_ids)} tokens need {used} tokens with {self._media} "
+                            f"and EOS, --seq-length is {self.seq_length}: the answer would be "
+                            f"cut")
+        return self._tensors(prompt_ids, answer_ids, 0, 0)
 
-    def _tensors(self, prompt_ids: list[int], target_ids: list[int],
-                 answer_index: int) -> dict[str, torch.Tensor]:
-        """The sample's tensors; the loss covers ``target_ids`` and EOS, not ``prompt_ids``."""
+    def _tensors(self, prompt_ids: list[int], target_ids: list[int], answer_index: int,
+                 audio_answer_index: int) -> dict[str, torch.Tensor]:
+        """The sample's tensors; the loss covers ``target_ids`` and EOS, not ``prompt_ids`` nor
+        a placeholder slot (the label of the last slot is the first text id: its position is
+        in the loss only when that id is a target)."""
         text = prompt_ids + target_ids + [self.eos_id]
         input_ids = torch.full((self.seq_length,), self.pad_id, dtype=torch.long)
         input_ids[0] = self.bos_id
         input_ids[1:1 + self.num_image_tokens] = self.image_token_id
-        start = 1 + self.num_image_tokens
+        if self.num_audio_tokens:
+            audio = 1 + self.num_image_tokens
+            input_ids[audio:audio + self.num_audio_tokens] = self.audio_token_id
+        start = 1 + self.media_tokens
         input_ids[start:start + len(text)] = torch.tensor(text)
         labels = torch.roll(input_ids, -1)
         target = start + len(prompt_ids)
         loss_mask = torch.zeros(self.seq_length)
         loss_mask[target - 1:target + len(target_ids)] = 1.0  # labels: a target id or EOS
-        return {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
-                "position_ids": torch.arange(self.seq_length),
-                "answer_position": torch.tensor(target + answer_index - 1)}
+        out = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask,
+               "position_ids": torch.arange(self.seq_length),
+               "answer_position": torch.tensor(target + answer_index - 1)}
+        if self.num_audio_tokens:
+            out["audio_answer_position"] = torch.tensor(target + audio_answer_index - 1)
+        return out
+
+
+def word_token_index(tokenizer: CaptionTokenizer, caption: str, word_index: int,
+                     key: str = "?") -> tuple[list[int], int]:
+    """The caption's ids and the index among them of the first token of its ``word_index``-th
+    whitespace-separated word (an answer that is not the caption's last word).
+
+    The caption up to that word is encoded on its own: its answer token is the one sought, and
+    its ids must be a prefix of the whole caption's (a tokenizer that merges across the word's
+    end would make the position ambiguous: an error naming the sample)."""
+    words = list(re.finditer(r"\S+", caption))
+    if not 0 <= word_index < len(words):
+        raise DataError(f"sample {key}: answer word {word_index} of caption {caption!r} does not "
+                        f"exist (the caption has {len(words)} words, counted from 0)")
+    ids = tokenizer.encode(caption, key)
+    prefix, index = tokenizer.encode_with_answer(caption[:words[word_index].end()], key)
+    if ids[:len(prefix)] != prefix:
+        raise DataError(f"sample {key}: the tokenizer encodes caption {caption!r} up to word "
+                        f"{word_index} differently from the whole caption: the answer's token is "
+                        f"ambiguous")
+    return ids, index

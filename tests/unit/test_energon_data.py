@@ -30,7 +30,7 @@ from megatron_mimo.data.energon import (  # noqa: E402
 from megatron_mimo.data.loader_state import LoaderRecord, from_plain, to_plain  # noqa: E402
 from megatron_mimo.data.source import EnergonSource  # noqa: E402
 from megatron_mimo.data.tokenizer import WordTokenizer  # noqa: E402
-from megatron_mimo.data.views import assign_views  # noqa: E402
+from megatron_mimo.data.views import assign_branch_views, assign_views  # noqa: E402
 from megatron_mimo.errors import DataError  # noqa: E402
 
 IMAGE_SIZE, SEQ, IMAGE_TOKENS, IMAGE_TOKEN_ID = 16, 24, 4, 255
@@ -246,6 +246,41 @@ def test_both_branches_read_the_same_samples_in_bridge_order(digits, images_dp, 
 
     images, language = branch_keys(images_dp), branch_keys(language_dp)
     assert images == language and all(len(m) == job_micro == len(set(m)) for m in images)
+
+
+def _positions(job_micro: int, dps: dict[str, int], branch: str) -> list[list[int]]:
+    """Micro-step positions each DP rank of ``branch`` reads, by its views (view ``v`` reads
+    positions ``[v J / V, (v + 1) J / V)``), in DP order."""
+    ranks = []
+    for rank in range(dps[branch]):
+        a = assign_branch_views(job_micro, dps, dps[branch], rank)
+        ranks.append([v * a.batch_size + i for v in a.views for i in range(a.batch_size)])
+    return ranks
+
+
+@pytest.mark.parametrize("images_dp, audio_dp, language_dp",
+                         [(1, 1, 1), (2, 1, 1), (1, 2, 3), (4, 2, 1), (2, 3, 4), (3, 3, 1)])
+def test_three_branches_read_every_micro_step_in_bridge_order(images_dp, audio_dp, language_dp):
+    """With an audio branch the views are over lcm(images, audio, language DP): DP rank ``r``
+    of every branch reads the ``r``-th slice of each micro-step (what the bridge delivers), so
+    every pair of branches agrees sample by sample."""
+    dps = {"images": images_dp, "audio": audio_dp, "language": language_dp}
+    num_views = math.lcm(images_dp, audio_dp, language_dp)
+    job_micro = 2 * num_views
+    for branch, dp in dps.items():
+        per_rank = job_micro // dp
+        assert _positions(job_micro, dps, branch) == [
+            list(range(r * per_rank, (r + 1) * per_rank)) for r in range(dp)]
+        assert assign_branch_views(job_micro, dps, dp, 0).num_views == num_views
+    # two branches: the same views as before the audio branch existed
+    two = {"images": images_dp, "language": language_dp}
+    for dp in set(two.values()):
+        for rank in range(dp):
+            assert (assign_branch_views(2 * math.lcm(images_dp, language_dp), two, dp, rank)
+                    == assign_views(2 * math.lcm(images_dp, language_dp), images_dp,
+                                    language_dp, dp, rank))
+    with pytest.raises(DataError, match="lcm of images DP 2, audio DP 3 and language DP 1"):
+        assign_branch_views(4, {"images": 2, "audio": 3, "language": 1}, 3, 0)
 
 
 def test_view_arithmetic_refuses_a_micro_step_that_does_not_split():

@@ -15,7 +15,11 @@ pytest.importorskip("tokenizers")
 from megatron_mimo.config.cli import config_from_args  # noqa: E402
 from megatron_mimo.data.energon import sample_format_for  # noqa: E402
 from megatron_mimo.data.hf_tokenizer import HFTokenizer, write_word_level  # noqa: E402
-from megatron_mimo.data.tokenizer import SequenceLayout, WordTokenizer  # noqa: E402
+from megatron_mimo.data.tokenizer import (  # noqa: E402
+    SequenceLayout,
+    WordTokenizer,
+    word_token_index,
+)
 from megatron_mimo.errors import ConfigError, DataError  # noqa: E402
 
 WORDS = ["the", "digit", "seven", "eight", "a", "picture", "of"]
@@ -109,6 +113,40 @@ def test_sample_format_measures_the_answer_on_the_first_token_of_the_last_word(b
                             tok.vocab_size)
     sample = fmt.encode("k", torch.zeros(3, 16, 16), "the digit seventy")
     assert int(sample["labels"][sample["answer_position"]]) == ids[answer]
+
+
+def test_an_answer_word_inside_the_caption_is_scored_on_its_first_token(bpe):
+    """Audio captions have two answers ("image seven tone three"): a word that is not the last
+    is found by its index, on its first token, also when BPE splits it."""
+    tok = HFTokenizer.load(bpe)
+    caption = "the seventy digit seven"
+    encoding = tok.backend.encode(caption, add_special_tokens=False)
+    second = [i for i, (start, end) in enumerate(encoding.offsets)
+              if end > len("the ") and start < len("the seventy")]
+    assert len(second) == 2, encoding.tokens  # the precondition: 'seventy' is 2 tokens
+    ids, index = word_token_index(tok, caption, 1, "k")
+    assert ids == list(encoding.ids) and index == second[0]
+    assert word_token_index(tok, caption, 3, "k")[1] == tok.encode_with_answer(caption)[1]
+    layout = SequenceLayout.for_tokenizer(tok, 16, 2, tok.image_token_id, 2, 39)
+    out = layout.build(ids, "k", index, len(ids) - 1)
+    assert int(out["labels"][out["answer_position"]]) == ids[second[0]]
+    assert int(out["labels"][out["audio_answer_position"]]) == ids[-1]
+
+
+def test_the_audio_placeholder_is_the_tokenizers_audio_token_or_above_its_ids(word_level,
+                                                                                tmp_path):
+    tok = HFTokenizer.load(word_level)  # no '<audio>': the model's id must be no text id
+    tok.check_audio_token(tok.vocab_size)
+    one_line_error(lambda: tok.check_audio_token(5), "the model's audio token id 5 is the "
+                                                     "tokenizer's 'the': add an '<audio>' token "
+                                                     f"or pass an --audio-token-id of at least "
+                                                     f"{tok.vocab_size}")
+    with_audio = HFTokenizer.load(write_word_level([*WORDS, "<audio>"], tmp_path / "audio"))
+    own = with_audio.backend.token_to_id("<audio>")
+    with_audio.check_audio_token(own)
+    one_line_error(lambda: with_audio.check_audio_token(own + 1),
+                   f"'<audio>' is id {own} but the model's audio token id is {own + 1}: pass "
+                   f"--audio-token-id {own}")
 
 
 def test_special_tokens_fall_back_to_the_tokenizers_own(word_level):
