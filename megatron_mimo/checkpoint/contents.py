@@ -282,8 +282,9 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
                  progress: dict[str, Any]) -> dict[str, Any]:
     """Small description of a checkpoint, identical on every rank (common state + JSON file).
 
-    ``model`` records the two model sections of ``config`` so that a run loading the checkpoint
-    builds the architecture its weights belong to without repeating the model flags."""
+    ``model`` records the model sections of ``config`` (``audio`` only with an audio branch) so
+    that a run loading the checkpoint builds the architecture its weights belong to without
+    repeating the model flags."""
     from megatron.core import __version__ as mcore_version
 
     return {
@@ -295,12 +296,19 @@ def manifest_for(iteration: int, topology: Topology, contents: Contents, fingerp
         "precision": precision,
         "contents": sorted(contents.names()), "config_name": config.get("name"),
         "summary": progress,
-        "model": {section: config[section] for section in ("images", "language")},
+        "model": model_sections(config),
         "frozen": frozen_modules(config),
     }
 
 
-FREEZE_FLAGS = {"vit": "freeze_vit", "projection": "freeze_projection", "lm": "freeze_lm"}
+def model_sections(config: dict[str, Any]) -> dict[str, Any]:
+    """The model sections of a plain config dict that the weights depend on."""
+    audio = ("audio",) if config.get("audio_parallel") is not None else ()
+    return {section: config[section] for section in ("images", "language", *audio)}
+
+
+FREEZE_FLAGS = {"vit": "freeze_vit", "projection": "freeze_projection", "lm": "freeze_lm",
+                "audio": "freeze_audio"}
 """Module -> the training field (``--freeze-*``) that freezes it."""
 
 

@@ -28,6 +28,8 @@ SECTION_PREFIX: dict[str, str] = {
     "images_parallel": "encoder-",
     "language_parallel": "llm-",
     "images": "encoder-",
+    "audio_parallel": "audio-",
+    "audio": "audio-",
 }
 """Flag prefix per config section; sections not listed use bare (Megatron) names. This table and
 :data:`FLAG_RENAMES` are the one place where the code's branch names (``images``, ``language``)
@@ -39,6 +41,9 @@ FLAG_RENAMES: dict[tuple[str, str], str] = {
     ("language", "image_token"): "--image-token-id",
     ("optimizer", "images_lr"): "--encoder-lr",
     ("optimizer", "images_min_lr"): "--encoder-min-lr",
+    ("optimizer", "audio_lr"): "--audio-lr",
+    ("optimizer", "audio_min_lr"): "--audio-min-lr",
+    ("language", "audio_token"): "--audio-token-id",
 }
 """Fields whose flag is not prefix + field name."""
 
@@ -149,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def apply_overrides(cfg: MimoConfig, overrides: dict[str, Any]) -> MimoConfig:
-    """Return ``cfg`` with ``{"section.field": value}`` applied; validation runs once at the end."""
+    """Return ``cfg`` with ``{"section.field": value}`` applied; validation runs once at the end.
+    A field of an absent section (the audio branch's layout) creates it from its defaults."""
     by_section: dict[str, dict[str, Any]] = {}
     for dotted, value in overrides.items():
         section, name = dotted.split(".", 1)
         by_section.setdefault(section, {})[name] = value
-    sections = {section: dataclasses.replace(getattr(cfg, section), **fields)
+    sections = {section: dataclasses.replace(getattr(cfg, section) or SECTION_TYPES[section](),
+                                             **fields)
                 for section, fields in by_section.items()}
     return dataclasses.replace(cfg, **sections)
 
@@ -183,7 +190,7 @@ def config_to_argv(cfg: MimoConfig) -> list[str]:
     """Flags that rebuild ``cfg`` from its preset (every field spelled out; used in tests/logs)."""
     argv = ["--config", cfg.name] if cfg.name in PRESETS else []
     for spec in flag_specs():
-        value = getattr(getattr(cfg, spec.section), spec.field)
+        value = getattr(getattr(cfg, spec.section), spec.field, None)
         if value is None:
             continue
         if spec.type is bool:

@@ -3,7 +3,7 @@
 A run with ``--load DIR`` must build the model the checkpoint's weights belong to, whatever the
 preset says; repeating the model flags is error-prone (a wrong one only shows up as a shape
 error deep inside the load, on every rank). The manifest of every checkpoint records the
-``images`` and ``language`` sections, so the CLI reads them here, before any process group
+``images`` and ``language`` sections (and ``audio`` when the job had an audio branch), so the CLI reads them here, before any process group
 exists. JSON only: no torch import on this path.
 """
 
@@ -18,9 +18,11 @@ from megatron_mimo.config.schema import SECTION_TYPES
 from megatron_mimo.errors import CheckpointError, ConfigError
 
 MODEL_SECTIONS = ("images", "language")
-"""Config sections a checkpoint's manifest records under ``model``."""
+"""Config sections every checkpoint's manifest records under ``model``."""
+OPTIONAL_SECTIONS = ("audio",)
+"""Sections recorded only when the job had that branch."""
 
-RUNTIME_FIELDS = ("hidden_dropout", "attention_dropout", "seq_length", "image_token")
+RUNTIME_FIELDS = ("hidden_dropout", "attention_dropout", "seq_length", "image_token", "audio_token")
 """Fields of the model sections that do not change the weights: a flag may set them to another
 value than the checkpoint's (``image_token`` is the field behind ``--image-token-id``)."""
 
@@ -50,11 +52,12 @@ def saved_model(directory: Path) -> dict[str, Any] | None:
     if model is None:
         return None
     where = directory / storage.MANIFEST_FILENAME
+    sections = MODEL_SECTIONS + tuple(s for s in OPTIONAL_SECTIONS
+                                      if isinstance(model, dict) and s in model)
     if not isinstance(model, dict) or not all(isinstance(model.get(s, {}), dict)
-                                              for s in MODEL_SECTIONS):
-        raise ConfigError(f"{where}: 'model' must map {', '.join(MODEL_SECTIONS)} to objects")
-    return {section: _section(section, model.get(section, {}), where)
-            for section in MODEL_SECTIONS}
+                                              for s in sections):
+        raise ConfigError(f"{where}: 'model' must map {', '.join(sections)} to objects")
+    return {section: _section(section, model.get(section, {}), where) for section in sections}
 
 
 def _section(section: str, saved: dict[str, Any], where: Path) -> Any:

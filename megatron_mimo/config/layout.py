@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from megatron_mimo.errors import ConfigError, require, require_positive
 
 IMAGES = "images"
+AUDIO = "audio"
 LANGUAGE = "language"
 BRANCHES = (IMAGES, LANGUAGE)
-"""Branch names, in the order every rank builds their process groups."""
+"""The branches every job has, in the order every rank builds their process groups."""
+ALL_BRANCHES = (IMAGES, AUDIO, LANGUAGE)
+"""Every branch a job may have (the audio branch is optional), in group-building order."""
 
 GRID_DIMS = ("tp", "cp", "dp", "pp")
 """Dimension order of every branch grid (Megatron's default 'tp-cp-ep-dp-pp' without ep)."""

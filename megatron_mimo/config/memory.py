@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
-from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.layout import AUDIO, IMAGES, LANGUAGE
+from megatron_mimo.config.models import AudioModelConfig, ImagesModelConfig, LanguageModelConfig
 from megatron_mimo.config.schema import MimoConfig
 
 MAMBA_CONV_KERNEL = 4
@@ -108,6 +108,21 @@ def projector_parameters(cfg: ImagesModelConfig, language_hidden: int, tp: int) 
     return _mlp(language_hidden, cfg.projector_ffn, tp, cfg.projector_input_size)
 
 
+def audio_parameters(cfg: AudioModelConfig, language_hidden: int, tp: int) -> int:
+    """Parameters on one rank of the audio branch at ``tp``: the two convolutions, position
+    embeddings and final norm (replicated), the transformer layers and the MLP projector."""
+    hidden = cfg.hidden_size
+    stem = (cfg.num_mel_bins * hidden * 3 + hidden) + (hidden * hidden * 3 + hidden)
+    stem += cfg.encoder_frames * hidden + _norm(hidden, True)
+    layers = cfg.num_layers * _transformer_layer(hidden, cfg.ffn_hidden_size, tp)
+    return stem + layers + audio_projector_parameters(cfg, language_hidden, tp)
+
+
+def audio_projector_parameters(cfg: AudioModelConfig, language_hidden: int, tp: int) -> int:
+    """Parameters of the audio branch's MLP projector on one rank at ``tp``."""
+    return _mlp(language_hidden, cfg.projector_ffn, tp, cfg.projector_input_size)
+
+
 @dataclass(frozen=True)
 class RankMemory:
     """Per-rank parameters and bytes of one branch (every rank of a branch holds the same)."""
@@ -130,6 +145,8 @@ def branch_parameters(cfg: MimoConfig, branch: str, stage: int = 0) -> int:
     layout = cfg.parallel(branch)
     if branch == IMAGES:
         return images_parameters(cfg.images, cfg.language.hidden_size, layout.tp)
+    if branch == AUDIO:
+        return audio_parameters(cfg.audio, cfg.language.hidden_size, layout.tp)
     return language_parameters(cfg.language, layout.tp, layout.pp, stage)
 
 
@@ -139,6 +156,8 @@ def trainable_parameters(cfg: MimoConfig, branch: str, stage: int = 0) -> int:
     training = cfg.training
     if branch == LANGUAGE:
         return 0 if training.freeze_lm else branch_parameters(cfg, branch, stage)
+    if branch == AUDIO:
+        return 0 if training.freeze_audio else branch_parameters(cfg, branch)
     tp = cfg.parallel(branch).tp
     projector = projector_parameters(cfg.images, cfg.language.hidden_size, tp)
     encoder = branch_parameters(cfg, branch) - projector
@@ -174,5 +193,5 @@ def format_memory(cfg: MimoConfig) -> str:
 
 
 def _branch_stages(cfg: MimoConfig) -> list[tuple[str, int]]:
-    return [(branch, stage) for branch in (IMAGES, LANGUAGE)
+    return [(branch, stage) for branch in cfg.branches
             for stage in range(cfg.parallel(branch).pp)]

@@ -1,4 +1,5 @@
-"""Model sections of the config: the image encoder and the language model (no torch import)."""
+"""Model sections of the config: the image and audio encoders and the language model (no torch
+import)."""
 
 from __future__ import annotations
 
@@ -143,6 +144,69 @@ class ImagesModelConfig(TransformerSizes):
 
 
 @dataclass(frozen=True)
+class AudioModelConfig(TransformerSizes):
+    """Whisper-style audio encoder (log-mel frames -> two 1-D convolutions, the second with
+    stride 2 -> position embeddings -> transformer) and its projector into the language hidden
+    size. A clip is padded with silence to ``max_frames``: every sample contributes exactly
+    ``num_audio_tokens`` embeddings, so every micro-batch has the same shapes on every rank."""
+
+    sample_rate: int = 8000
+    """Samples per second of the waveforms the encoder reads (others are an error)."""
+    num_mel_bins: int = 32
+    """Mel bands of the log-mel features (the first convolution's input channels)."""
+    n_fft: int = 256
+    """STFT window length in samples (a Hann window)."""
+    hop_length: int = 128
+    """STFT hop in samples."""
+    max_frames: int = 32
+    """Log-mel frames of the longest clip the encoder takes (longer clips are an error)."""
+    frame_stack: int = 2
+    """Consecutive encoder outputs concatenated into one token before the projector."""
+    projector_ffn_hidden_size: int | None = None
+    """Hidden size of the 2-layer projector; None = the encoder's ffn_hidden_size."""
+
+    def __post_init__(self) -> None:
+        self._validate_sizes("audio", "whisper", ("whisper",), sample_rate=self.sample_rate,
+                             num_mel_bins=self.num_mel_bins, n_fft=self.n_fft,
+                             hop_length=self.hop_length, max_frames=self.max_frames,
+                             frame_stack=self.frame_stack)
+        _require(self.max_frames % (2 * self.frame_stack) == 0,
+                 f"audio.max_frames {self.max_frames} must divide by 2 x frame_stack "
+                 f"{self.frame_stack} (the stride-2 convolution, then the stacking)")
+        _require(self.num_mel_bins <= self.n_fft // 2 + 1,
+                 f"audio.num_mel_bins {self.num_mel_bins} must not exceed the n_fft {self.n_fft} "
+                 f"frequency bins ({self.n_fft // 2 + 1})")
+        _require(self.projector_ffn_hidden_size is None or self.projector_ffn_hidden_size >= 1,
+                 f"audio.projector_ffn_hidden_size must be >= 1, got "
+                 f"{self.projector_ffn_hidden_size}")
+
+    @property
+    def encoder_frames(self) -> int:
+        """Positions of the transformer (after the stride-2 convolution)."""
+        return self.max_frames // 2
+
+    @property
+    def num_audio_tokens(self) -> int:
+        """Embeddings one clip contributes to the text sequence."""
+        return self.encoder_frames // self.frame_stack
+
+    @property
+    def max_samples(self) -> int:
+        """Waveform samples of the longest clip that fits ``max_frames`` (centred STFT frames)."""
+        return (self.max_frames - 1) * self.hop_length
+
+    @property
+    def projector_ffn(self) -> int:
+        """Hidden size of the projector."""
+        return self.projector_ffn_hidden_size or self.ffn_hidden_size
+
+    @property
+    def projector_input_size(self) -> int:
+        """Channels entering the projector."""
+        return self.hidden_size * self.frame_stack
+
+
+@dataclass(frozen=True)
 class LanguageModelConfig(TransformerSizes):
     """Language model (GPT or Mamba hybrid) and the text sequence it reads."""
 
@@ -153,8 +217,11 @@ class LanguageModelConfig(TransformerSizes):
     image_token: int | None = None
     """Token id that marks where image embeddings go (LLaVA: the tokenizer's '<image>');
     None = vocab_size - 1."""
+    audio_token: int | None = None
+    """Token id that marks where audio embeddings go (with an audio branch); None =
+    vocab_size - 2."""
     seq_length: int = 48
-    """Tokens per sample, image placeholder tokens included."""
+    """Tokens per sample, image and audio placeholder tokens included."""
     hybrid_pattern: str = "M*M-"
     """Mamba-hybrid layer pattern: M = Mamba, * = attention, - = MLP (mamba_hybrid only)."""
     mamba_state_dim: int = 16
@@ -190,6 +257,9 @@ class LanguageModelConfig(TransformerSizes):
         self._validate_gpt_options()
         _require(self.image_token is None or 0 <= self.image_token < self.vocab_size,
                  f"language.image_token {self.image_token} must lie in [0, vocab_size "
+                 f"{self.vocab_size})")
+        _require(self.audio_token is None or 0 <= self.audio_token < self.vocab_size,
+                 f"language.audio_token {self.audio_token} must lie in [0, vocab_size "
                  f"{self.vocab_size})")
         if self.kind == "mamba_hybrid":
             _require(len(self.hybrid_pattern) == self.num_layers, (
@@ -238,3 +308,8 @@ class LanguageModelConfig(TransformerSizes):
     def image_token_id(self) -> int:
         """Token id that marks where image embeddings go."""
         return self.vocab_size - 1 if self.image_token is None else self.image_token
+
+    @property
+    def audio_token_id(self) -> int:
+        """Token id that marks where audio embeddings go."""
+        return self.vocab_size - 2 if self.audio_token is None else self.audio_token

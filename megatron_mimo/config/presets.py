@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from megatron_mimo.config.layout import ParallelismConfig
-from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.models import AudioModelConfig, ImagesModelConfig, LanguageModelConfig
 from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import (
     CheckpointConfig,
@@ -66,6 +66,26 @@ def digits_cpu() -> MimoConfig:
         training=TrainingConfig(micro_batch_size=32, global_batch_size=32, train_iters=800,
                                 seed=1234, eval_interval=800, eval_iters=9),
         logging=LoggingConfig(log_interval=50),
+    )
+
+
+AV_DIGITS_PATH = "data/digits-av"
+"""Where `make train CONFIG=tiny_cpu_av` prepares digit images paired with DTMF tones."""
+
+
+def tiny_cpu_av() -> MimoConfig:
+    """4 CPU ranks, three branches: images on rank 0, audio (Whisper-style) on rank 1, language
+    TP2 on ranks 2-3; trained on digit images paired with the DTMF tone of another digit
+    (data/digits-av), captioned "image seven tone three": both answers need their own branch."""
+    base = digits_cpu()
+    return replace(
+        base, name="tiny_cpu_av",
+        images_parallel=ParallelismConfig(tp=1, dp=1, offset=0),
+        audio_parallel=ParallelismConfig(tp=1, dp=1, offset=1),
+        audio=AudioModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                               ffn_hidden_size=128),
+        data=DataConfig(data_path=AV_DIGITS_PATH),
+        optimizer=replace(base.optimizer, audio_lr=2e-3, audio_min_lr=1e-4),
     )
 
 
@@ -180,8 +200,27 @@ def nemotron_8gpu() -> MimoConfig:
     )
 
 
+def av_8gpu() -> MimoConfig:
+    """8 GPUs, three branches: llava_8gpu's CLIP ViT-L/14-336 at TP2 on ranks 0-1, a Whisper-small
+    shaped audio encoder (12 layers, 768 wide, 80 mel bands at 16 kHz, 30 s clips, 4 frames per
+    token: 375 audio tokens) at TP1xDP2 on ranks 2-3, the 7B LLM at TP4 on ranks 4-7."""
+    base = llava_8gpu()
+    return replace(
+        base, name="av_8gpu",
+        images_parallel=ParallelismConfig(tp=2, dp=1, offset=0),
+        audio_parallel=ParallelismConfig(tp=1, dp=2, offset=2),
+        audio=AudioModelConfig(num_layers=12, hidden_size=768, num_attention_heads=12,
+                               ffn_hidden_size=3072, sample_rate=16000, num_mel_bins=80,
+                               n_fft=400, hop_length=160, max_frames=3000, frame_stack=4,
+                               projector_ffn_hidden_size=4096),
+        optimizer=replace(base.optimizer, audio_lr=2e-5, audio_min_lr=0.0),
+    )
+
+
 PRESETS: dict[str, Callable[[], MimoConfig]] = {
     "tiny_cpu": tiny_cpu,
+    "tiny_cpu_av": tiny_cpu_av,
+    "av_8gpu": av_8gpu,
     "tiny_cpu_nemotron": tiny_cpu_nemotron,
     "digits_cpu": digits_cpu,
     "llava_digits_cpu": llava_digits_cpu,

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_mimo.config.layout import (
-    BRANCHES,
+    ALL_BRANCHES,
+    AUDIO,
     IMAGES,
     LANGUAGE,
     BranchSpec,
@@ -19,12 +20,15 @@ from megatron_mimo.config.layout import (
     check_batch_split,
     check_layout,
 )
-from megatron_mimo.config.models import ImagesModelConfig, LanguageModelConfig
+from megatron_mimo.config.models import AudioModelConfig, ImagesModelConfig, LanguageModelConfig
 from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.errors import require as _require
 from megatron_mimo.errors import require_positive as _require_positive
 
 DECAY_STYLES = ("constant", "linear", "cosine")
+FREEZE_FLAGS = {IMAGES: ("freeze_vit", "freeze_projection"), AUDIO: ("freeze_audio",),
+                LANGUAGE: ("freeze_lm",)}
+"""The --freeze-* fields that freeze each branch's parts."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class OptimizerConfig:
     """Peak learning rate of the images branch; None = same as --lr."""
     images_min_lr: float | None = None
     """Final learning rate of the images branch; None = same as --min-lr."""
+    audio_lr: float | None = None
+    """Peak learning rate of the audio branch; None = same as --lr."""
+    audio_min_lr: float | None = None
+    """Final learning rate of the audio branch; None = same as --min-lr."""
     weight_decay: float = 0.01
     """Decoupled weight decay."""
     adam_beta1: float = 0.9
@@ -59,11 +67,10 @@ class OptimizerConfig:
 
     def branch_lr(self, branch: str) -> tuple[float, float]:
         """(peak, final) learning rate of a branch."""
-        if branch == IMAGES:
-            peak = self.lr if self.images_lr is None else self.images_lr
-            final = self.min_lr if self.images_min_lr is None else self.images_min_lr
-            return peak, final
-        return self.lr, self.min_lr
+        own = {IMAGES: (self.images_lr, self.images_min_lr),
+               AUDIO: (self.audio_lr, self.audio_min_lr)}.get(branch, (None, None))
+        return (self.lr if own[0] is None else own[0],
+                self.min_lr if own[1] is None else own[1])
 
 
 @dataclass(frozen=True)
@@ -110,11 +117,10 @@ class TrainingConfig:
     """Freeze the projector between vision encoder and language model."""
     freeze_lm: bool = False
     """Freeze the language model (LLaVA stage 1); it still passes gradients back to the projector."""
+    freeze_audio: bool = False
+    """Freeze the audio encoder and its projector (with an audio branch)."""
 
     def __post_init__(self) -> None:
-        _require(not (self.freeze_vit and self.freeze_projection and self.freeze_lm),
-                 "training.freeze_vit, training.freeze_projection and training.freeze_lm "
-                 "together leave nothing to train: drop one of them")
         _require_positive("training", micro_batch_size=self.micro_batch_size,
                           global_batch_size=self.global_batch_size, train_iters=self.train_iters)
         _require(self.global_batch_size % self.micro_batch_size == 0,
@@ -136,6 +142,9 @@ class DataConfig:
     """Energon worker processes per reader (0 = read in the training process)."""
     blank_images: bool = False
     """Feed all-zero images (ablation: the captions must then be guessed without the image)."""
+    blank_audio: bool = False
+    """Feed the features of silence instead of every clip (ablation: the words the clips decide
+    must then be guessed without them; with an audio branch)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -224,8 +233,12 @@ class MimoConfig:
     """Layout of the images branch."""
     language_parallel: ParallelismConfig = field(default_factory=lambda: ParallelismConfig(offset=1))
     """Layout of the language branch."""
+    audio_parallel: ParallelismConfig | None = None
+    """Layout of the audio branch; None = the job has no audio branch."""
     images: ImagesModelConfig = field(default_factory=ImagesModelConfig)
     """Image encoder model."""
+    audio: AudioModelConfig = field(default_factory=AudioModelConfig)
+    """Audio encoder model (used with an audio branch)."""
     language: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     """Language model."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -248,22 +261,47 @@ class MimoConfig:
     def __post_init__(self) -> None:
         _require(self.images_parallel.pp == 1,
                  f"the images branch supports pp=1 only, got --encoder-pp {self.images_parallel.pp}")
+        _require(self.audio_parallel is None or self.audio_parallel.pp == 1,
+                 "the audio branch supports pp=1 only, got --audio-pp "
+                 f"{self.audio_parallel and self.audio_parallel.pp}")
         specs = self.branch_specs()
         check_layout(specs, self.world_size)
         check_batch_split(specs, self.training.global_batch_size, self.job_micro_batch)
+        _require(not self.data.blank_audio or AUDIO in self.branches,
+                 "data.blank_audio replaces the clips of the audio branch, but the job has no "
+                 "audio branch: drop the flag")
+        frozen = [f"training.{flag}" for branch in self.branches for flag in FREEZE_FLAGS[branch]]
+        _require(not all(getattr(self.training, name.split(".")[1]) for name in frozen),
+                 f"{', '.join(frozen[:-1])} and {frozen[-1]} together leave nothing to "
+                 f"train: drop one of them")
         _require(not (self.training.freeze_lm and self.precision.fp16),
                  "training.freeze_lm with --fp16: the frozen language branch has no optimizer, "
                  "hence no loss scaler to scale its loss by; train it in --bf16")
         self._validate_model_split()
         self._validate_pipeline_split()
 
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """This job's branches in group-building order: images, (audio,) language."""
+        return tuple(b for b in ALL_BRANCHES if b != AUDIO or self.audio_parallel is not None)
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """The branches that feed the language model."""
+        return tuple(b for b in self.branches if b != LANGUAGE)
+
     def parallel(self, branch: str) -> ParallelismConfig:
         """Layout of a branch by name."""
-        return {IMAGES: self.images_parallel, LANGUAGE: self.language_parallel}[branch]
+        layout = {IMAGES: self.images_parallel, AUDIO: self.audio_parallel,
+                  LANGUAGE: self.language_parallel}[branch]
+        if layout is None:
+            raise KeyError(f"this job has no {branch} branch")
+        return layout
 
     def branch_specs(self) -> list[BranchSpec]:
-        """Both branches as BranchSpecs, images first (the order every rank builds groups in)."""
-        return [self.parallel(name).spec(name) for name in BRANCHES]
+        """Every branch as a BranchSpec, in :attr:`branches` order (the order every rank
+        builds groups in)."""
+        return [self.parallel(name).spec(name) for name in self.branches]
 
     @property
     def world_size(self) -> int:
@@ -284,16 +322,30 @@ class MimoConfig:
         """Samples per micro-step on one DP rank of ``branch``."""
         return self.job_micro_batch // self.parallel(branch).dp
 
+    def model(self, branch: str):
+        """Model section of a branch by name."""
+        return {IMAGES: self.images, AUDIO: self.audio, LANGUAGE: self.language}[branch]
+
+    @property
+    def media_tokens(self) -> int:
+        """Placeholder tokens every sample holds: its image's, and its clip's with audio."""
+        audio = self.audio.num_audio_tokens if AUDIO in self.branches else 0
+        return self.images.num_image_tokens + audio
+
     def _validate_model_split(self) -> None:
-        for branch, model in ((IMAGES, self.images), (LANGUAGE, self.language)):
-            tp = self.parallel(branch).tp
+        for branch in self.branches:
+            model, tp = self.model(branch), self.parallel(branch).tp
             _require(model.num_attention_heads % tp == 0, (
                 f"{branch} branch: num_attention_heads {model.num_attention_heads} must divide by tp {tp}"))
             _require(model.ffn_hidden_size % tp == 0, (
                 f"{branch} branch: ffn_hidden_size {model.ffn_hidden_size} must divide by tp {tp}"))
-        _require(self.language.seq_length > self.images.num_image_tokens + 1, (
-            f"language.seq_length {self.language.seq_length} must exceed the image tokens per "
-            f"sample + 1 ({self.images.num_image_tokens + 1})"))
+        _require(self.language.seq_length > self.media_tokens + 1, (
+            f"language.seq_length {self.language.seq_length} must exceed the image and audio "
+            f"tokens per sample + 1 ({self.media_tokens + 1})"))
+        _require(AUDIO not in self.branches
+                 or self.language.audio_token_id != self.language.image_token_id,
+                 f"language.audio_token and language.image_token are both "
+                 f"{self.language.image_token_id}: audio and image slots need their own ids")
         _require(self.language.query_groups % self.language_parallel.tp == 0, (
             f"language.num_query_groups {self.language.query_groups} must divide by "
             f"language_parallel.tp {self.language_parallel.tp} (each TP rank holds whole "
@@ -339,14 +391,16 @@ class MimoConfig:
                 continue
             value = data[f.name]
             section_type = SECTION_TYPES.get(f.name)
-            kwargs[f.name] = section_type(**value) if section_type else value
+            kwargs[f.name] = section_type(**value) if section_type and value is not None else value
         return cls(**kwargs)
 
 
 SECTION_TYPES: dict[str, type] = {
     "images_parallel": ParallelismConfig,
     "language_parallel": ParallelismConfig,
+    "audio_parallel": ParallelismConfig,
     "images": ImagesModelConfig,
+    "audio": AudioModelConfig,
     "language": LanguageModelConfig,
     "optimizer": OptimizerConfig,
     "scheduler": SchedulerConfig,

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_mimo.training.state import EvalResult
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,19 +70,27 @@ class MetricSinks:
                 self._writer.add_scalar(f"learning-rate/{branch}", lr, step)
             self._writer.add_scalar("tokens-per-second", record["tokens_per_s"], step)
 
-    def record_eval(self, iteration: int, loss: float, accuracy: float) -> None:
-        """Write one evaluation result: held-out loss and answer accuracy."""
+    def record_eval(self, iteration: int, result: EvalResult) -> None:
+        """Write one evaluation result: held-out loss and answer accuracy (and the clip's
+        answer accuracy with an audio branch)."""
         if not self.active:
             return
-        logger.info("validation loss at iteration %d | lm loss value: %.6E | accuracy: %.2f %% |",
-                    iteration, loss, 100.0 * accuracy)
+        audio = result.audio_accuracy
+        logger.info("validation loss at iteration %d | lm loss value: %.6E | accuracy: %.2f %% |%s",
+                    iteration, result.loss, 100.0 * result.accuracy,
+                    "" if audio is None else f" audio accuracy: {100.0 * audio:.2f} % |")
+        scalars = {"lm loss validation": result.loss, "accuracy validation": result.accuracy}
+        record = {"iteration": iteration, "eval_loss": result.loss,
+                  "eval_accuracy": result.accuracy}
+        if audio is not None:
+            scalars["audio accuracy validation"] = audio
+            record["eval_audio_accuracy"] = audio
         if self._writer is not None:
-            self._writer.add_scalar("lm loss validation", loss, iteration)
-            self._writer.add_scalar("accuracy validation", accuracy, iteration)
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, iteration)
         if self.jsonl is not None:
             with self.jsonl.open("a") as out:
-                out.write(json.dumps({"iteration": iteration, "eval_loss": loss,
-                                      "eval_accuracy": accuracy}) + "\n")
+                out.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         """Flush TensorBoard."""

@@ -7,10 +7,10 @@ import importlib.util
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_mimo.config import IMAGES, LANGUAGE, TransformerSizes
+from megatron_mimo.config import AUDIO, IMAGES, LANGUAGE, TransformerSizes
 
-BRANCH_SEED_OFFSET = {IMAGES: 0, LANGUAGE: 1000}
-"""Weights of each branch come from their own seed so both branches never share an init."""
+BRANCH_SEED_OFFSET = {IMAGES: 0, LANGUAGE: 1000, AUDIO: 2000}
+"""Weights of each branch come from their own seed so no two branches share an init."""
 
 
 def branch_init_seed(seed: int, branch: str) -> int:

@@ -1,5 +1,5 @@
 """Freeze parts of the model for staged (LLaVA-style) training: ``--freeze-vit``,
-``--freeze-projection``, ``--freeze-lm``.
+``--freeze-projection``, ``--freeze-lm`` (and ``--freeze-audio``: the whole audio branch).
 
 Freezing is ``requires_grad=False``, set before DDP wrapping: DDP then gives those parameters no
 gradient buffer and megatron-core's optimizer never sees them (a branch left with none gets
@@ -17,21 +17,23 @@ import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.layout import AUDIO, IMAGES, LANGUAGE
 from megatron_mimo.config.schema import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
-VIT, PROJECTION, LM = "vit", "projection", "lm"
+VIT, PROJECTION, LM, AUDIO_PART = "vit", "projection", "lm", "audio"
 
 PARTS: dict[str, dict[str, str]] = {
     IMAGES: {VIT: "encoders", PROJECTION: "input_projections"},
+    AUDIO: {AUDIO_PART: ""},
     LANGUAGE: {LM: ""},
 }
 """The freezable parts of each branch module (unwrapped: before DDP), by submodule path
 ("" = the whole branch module)."""
 
-FLAGS: dict[str, str] = {VIT: "freeze_vit", PROJECTION: "freeze_projection", LM: "freeze_lm"}
+FLAGS: dict[str, str] = {VIT: "freeze_vit", PROJECTION: "freeze_projection", LM: "freeze_lm",
+                         AUDIO_PART: "freeze_audio"}
 """The :class:`TrainingConfig` field that freezes each part."""
 
 

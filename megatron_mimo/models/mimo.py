@@ -1,4 +1,7 @@
-"""Assemble the non-colocated ``MimoModel``: each rank builds and DDP-wraps only its branch."""
+"""Assemble the non-colocated ``MimoModel``: each rank builds and DDP-wraps only its branch.
+
+The encoders (images, and audio when the job has that branch) are ``MimoModel`` modality
+submodules keyed by branch name; each fills the slots of its own special token in the text."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_mimo.compat.mcore import apply_branch_tp_group
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.layout import AUDIO, IMAGES, LANGUAGE
 from megatron_mimo.config.precision import PrecisionConfig
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.distributed.topology import Topology
@@ -29,12 +32,23 @@ def branch_specs(cfg: MimoConfig, topology: Topology, device: torch.device) -> d
     def pgs_or_none(name):
         return topology.pgs(name) if topology.in_branch(name) else None
 
-    return {
-        IMAGES: images_submodule_spec(cfg.images, cfg.language.hidden_size,
-                                      cfg.images_parallel.tp, pgs_or_none(IMAGES), device,
-                                      cfg.precision.name),
-        LANGUAGE: language_spec(cfg, pgs_or_none(LANGUAGE), device),
-    }
+    specs = {IMAGES: images_submodule_spec(cfg.images, cfg.language.hidden_size,
+                                           cfg.images_parallel.tp, pgs_or_none(IMAGES), device,
+                                           cfg.precision.name)}
+    if AUDIO in cfg.branches:
+        from megatron_mimo.models.audio import audio_submodule_spec
+
+        specs[AUDIO] = audio_submodule_spec(cfg.audio, cfg.language.hidden_size,
+                                            cfg.parallel(AUDIO).tp, pgs_or_none(AUDIO), device,
+                                            cfg.precision.name)
+    specs[LANGUAGE] = language_spec(cfg, pgs_or_none(LANGUAGE), device)
+    return specs
+
+
+def special_token_ids(cfg: MimoConfig) -> dict[str, int]:
+    """The token id whose slots each encoder fills."""
+    ids = {IMAGES: cfg.language.image_token_id, AUDIO: cfg.language.audio_token_id}
+    return {encoder: ids[encoder] for encoder in cfg.encoders}
 
 
 def language_spec(cfg: MimoConfig, pgs, device: torch.device) -> ModuleSpec:
@@ -62,9 +76,9 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     specs = branch_specs(cfg, topology, device)
     mimo_config = MimoModelConfig(
         language_model_spec=specs[LANGUAGE],
-        modality_submodules_spec={IMAGES: specs[IMAGES]},
-        special_token_ids={IMAGES: cfg.language.image_token_id},
-        module_to_grid_map={name: topology.grid(name) for name in (IMAGES, LANGUAGE)},
+        modality_submodules_spec={name: specs[name] for name in cfg.encoders},
+        special_token_ids=special_token_ids(cfg),
+        module_to_grid_map={name: topology.grid(name) for name in cfg.branches},
     )
     torch.manual_seed(branch_init_seed(cfg.training.seed, topology.my_branch))
     model = MimoModel(mimo_config)
@@ -73,14 +87,15 @@ def build_mimo_model(cfg: MimoConfig, topology: Topology, device: torch.device) 
     pgs = topology.pgs(branch)
     fixed = apply_branch_tp_group(model, pgs.tp)
     logger.debug("%s branch: set the branch TP group on %s", branch, ", ".join(fixed) or "nothing")
-    inner = model.modality_submodules[IMAGES] if branch == IMAGES else model.language_model
+    inner = branch_module(model, branch)
     # before DDP: DDP allocates gradient buffers for, and the optimizer takes, trainable params only
     freeze_branch(inner, branch, cfg.training)
     log_branch_counts(inner, branch, pgs, device)
-    if branch == IMAGES:
-        model.modality_submodules[IMAGES] = wrap_branch(inner, pgs, _first_config(inner), cfg.precision)
-    else:
+    if branch == LANGUAGE:
         model.language_model = wrap_branch(inner, pgs, inner.config, cfg.precision)
+    else:
+        model.modality_submodules[branch] = wrap_branch(inner, pgs, _first_config(inner),
+                                                        cfg.precision)
     return model
 
 
@@ -106,6 +121,6 @@ def wrap_branch(module: torch.nn.Module, pgs, config, precision: PrecisionConfig
                                    module=module, pg_collection=pgs)
 
 
-def branch_module(model: MimoModel, branch: str) -> DistributedDataParallel:
-    """The DDP-wrapped module of ``branch`` on this rank."""
-    return model.modality_submodules[IMAGES] if branch == IMAGES else model.language_model
+def branch_module(model: MimoModel, branch: str) -> torch.nn.Module:
+    """The module of ``branch`` on this rank (DDP-wrapped once :func:`build_mimo_model` returns)."""
+    return model.language_model if branch == LANGUAGE else model.modality_submodules[branch]

@@ -56,7 +56,9 @@ class PatchTokens(MegatronModule):
                          h=self.grid // s, sh=s, w=self.grid // s, sw=s)
 
 
-def _layer_spec_and_norm(device: torch.device):
+def layer_spec_and_norm(device: torch.device):
+    """Bidirectional pre-norm layer spec and norm class of an encoder: Transformer Engine's on a
+    GPU with TE, else megatron-core's local ones (norms checkpointed under TE's names)."""
     if te_available(device):
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.vision.vit_layer_specs import (
@@ -112,7 +114,7 @@ def backbone_spec(cfg: ImagesModelConfig, tp: int, pgs: ProcessGroupCollection,
     config = build_transformer_config(
         cfg, tp, device, precision, num_layers=cfg.built_layers, activation_func=activation,
         bias_activation_fusion=device.type == "cuda" and activation is F.gelu)
-    layer_spec, norm = _layer_spec_and_norm(device)
+    layer_spec, norm = layer_spec_and_norm(device)
     common = {"transformer_config": config, "transformer_layer_spec": layer_spec,
               "patch_dim": cfg.patch_size, "img_h": cfg.image_size, "img_w": cfg.image_size,
               "pg_collection": pgs}
@@ -138,18 +140,28 @@ def images_submodule_spec(cfg: ImagesModelConfig, language_hidden_size: int, tp:
         "backbone": backbone_spec(cfg, tp, pgs, device, precision), "class_tokens": cfg.class_tokens,
         "pixel_shuffle": cfg.pixel_shuffle, "grid": cfg.grid,
         "tp_group": pgs.tp if pgs is not None else None})
-    projector_config = build_transformer_config(
-        TransformerSizes(num_layers=1, hidden_size=language_hidden_size,
-                         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.projector_ffn),
-        tp, device, precision)
-    projector = ModuleSpec(module=MultimodalProjector, params={
-        "config": projector_config,
-        "submodules": MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
-        "projector_type": "mlp", "input_size": cfg.projector_input_size, "pg_collection": pgs,
-    })
+    projector = projector_spec(cfg, cfg.projector_input_size, language_hidden_size, tp, pgs,
+                               device, precision)
     return ModuleSpec(module=VisionModalitySubmodules,
                       submodules={"encoders": {ENCODER_NAME: encoder}, "input_projections": [projector]},
                       params={"pg_collection": pgs})
+
+
+def projector_spec(cfg: TransformerSizes, input_size: int, language_hidden_size: int, tp: int,
+                   pgs: ProcessGroupCollection | None, device: torch.device,
+                   precision: str = "fp32") -> ModuleSpec:
+    """An encoder's 2-layer GELU MLP projector (column- then row-parallel) from ``input_size``
+    channels into the language hidden size; ``cfg``'s ``projector_ffn`` is its hidden size."""
+    config = build_transformer_config(
+        TransformerSizes(num_layers=1, hidden_size=language_hidden_size,
+                         num_attention_heads=cfg.num_attention_heads,
+                         ffn_hidden_size=cfg.projector_ffn),
+        tp, device, precision)
+    return ModuleSpec(module=MultimodalProjector, params={
+        "config": config,
+        "submodules": MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        "projector_type": "mlp", "input_size": input_size, "pg_collection": pgs,
+    })
 
 
 def images_inputs(pixels: torch.Tensor) -> dict:

@@ -26,7 +26,6 @@ from megatron_mimo.compat.mcore import (
     defer_scaler_updates,
     settle_scaler_updates,
 )
-from megatron_mimo.config.layout import BRANCHES
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.common import TORCH_DTYPES
@@ -71,7 +70,7 @@ class MimoOptimizerWithWorkarounds(MimoOptimizer):
 def build_mimo_optimizer(cfg: MimoConfig, model: MimoModel, topology: Topology,
                          device: torch.device) -> MimoOptimizer:
     """One DistributedOptimizer for this rank's branch (its trainable parameters only), chained
-    with the other branch's stub.
+    with the other branches' stubs.
 
     A branch with nothing to train (``--freeze-vit --freeze-projection``, ``--freeze-lm``) has no
     optimizer: its ranks' MimoOptimizer is a stub that still joins every world all-reduce
@@ -81,7 +80,7 @@ def build_mimo_optimizer(cfg: MimoConfig, model: MimoModel, topology: Topology,
     empty param group, which cannot be checkpointed (torch Adam without state), so it is dropped.
     """
     infos: dict[str, ModuleOptimizerInfo] = {}
-    for branch in BRANCHES:
+    for branch in cfg.branches:
         active = topology.in_branch(branch)
         optimizer = None
         if active:
@@ -147,7 +146,7 @@ class _LrHolder:
 def build_schedulers(cfg: MimoConfig, optimizer: MimoOptimizer, topology: Topology) -> BranchSchedulers:
     """Schedulers for all branches: the real optimizer for this rank's branch (if it trains)."""
     schedulers = {}
-    for branch in BRANCHES:
+    for branch in cfg.branches:
         info = optimizer.module_infos[branch]
         target = info.optimizer if info.optimizer is not None else _LrHolder()
         schedulers[branch] = build_scheduler(cfg, target, branch)

@@ -1,9 +1,9 @@
 """Forward/backward of one global batch through megatron-core's multi-module 1F1B schedule.
 
-Every step runs it, with one language stage or many (``--llm-pp N``). The images ranks are the
-first module of the pipeline, the language stages follow; megatron-core's
-``MultiModulePipelineCommunicator`` moves activations and gradients over the bridge (images ->
-language stage 0) and point-to-point between language stages, and its
+Every step runs it, with one language stage or many (``--llm-pp N``). The encoder ranks (images,
+and audio with an audio branch) are the first modules of the pipeline, the language stages
+follow; megatron-core's ``MultiModulePipelineCommunicator`` moves activations and gradients over
+one bridge per encoder (encoder -> language stage 0) and point-to-point between language stages, and its
 ``forward_backward_pipelining_without_interleaving`` (given a
 ``MultiModuleProcessGroupCollection``) runs warmup / 1F1B / cooldown on every rank. This module
 only provides what the schedule asks of a user: the communicator, the per-rank data iterator,
@@ -38,8 +38,8 @@ from megatron.core.pipeline_parallel.schedules import (
 )
 from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
 
-from megatron_mimo.config.layout import IMAGES, LANGUAGE
-from megatron_mimo.data.source import TEXT_FIELDS, Batch
+from megatron_mimo.config.layout import AUDIO, IMAGES, LANGUAGE
+from megatron_mimo.data.source import AUDIO_ANSWER_FIELD, TEXT_FIELDS, Batch
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.models.language import count_correct_answers
 from megatron_mimo.models.vision import images_inputs
@@ -50,8 +50,15 @@ if MIMO_LANGUAGE_MODULE_KEY != LANGUAGE:  # the schedule routes language stages 
     raise ImportError(f"megatron-core names the language module {MIMO_LANGUAGE_MODULE_KEY!r}, "
                       f"this package {LANGUAGE!r}")
 
-PIPELINE_TOPOLOGY = {IMAGES: [LANGUAGE], LANGUAGE: []}
-"""Module DAG of the pipeline: images feed the first language stage."""
+ENCODER_INPUTS = {IMAGES: ("pixels", images_inputs), AUDIO: ("audio", None)}
+"""Per encoder: the batch field it reads and how it becomes ``modality_inputs[encoder]`` (the
+audio builder is imported with the audio model, only by jobs that have that branch)."""
+
+
+def pipeline_topology(encoders: tuple[str, ...]) -> dict[str, list[str]]:
+    """Module DAG of the pipeline: every encoder feeds the first language stage."""
+    return {**{encoder: [LANGUAGE] for encoder in encoders}, LANGUAGE: []}
+
 
 COMM_METHODS = ("recv_forward", "send_forward", "send_forward_recv_backward",
                 "send_backward_recv_forward", "recv_backward", "send_backward")
@@ -64,12 +71,15 @@ the schedule's bookkeeping)."""
 
 def build_pipeline_communicator(topology: Topology, model: MimoModel
                                 ) -> MultiModulePipelineCommunicator:
-    """Bridge images -> language stage 0 plus P2P between language stages (collective: every
-    rank builds it). Language activations are ``[s, b, h]``; the encoder output is 2-D
-    ``[tokens, h]`` (without ``module_output_ndim`` gloo aborts on a shape-buffer mismatch)."""
+    """A bridge per encoder -> language stage 0 plus P2P between language stages (collective:
+    every rank builds it, bridges in branch order). Language activations are ``[s, b, h]``; an
+    encoder's output is 2-D ``[tokens, h]`` (without ``module_output_ndim`` gloo aborts on a
+    shape-buffer mismatch)."""
+    encoders = tuple(name for name in topology.branches if name != LANGUAGE)
     return MultiModulePipelineCommunicator(
-        {name: topology.grid(name) for name in (IMAGES, LANGUAGE)}, PIPELINE_TOPOLOGY,
-        model.config, dim_mapping={"s": 0, "b": 1, "h": 2}, module_output_ndim={IMAGES: 2})
+        {name: topology.grid(name) for name in topology.branches}, pipeline_topology(encoders),
+        model.config, dim_mapping={"s": 0, "b": 1, "h": 2},
+        module_output_ndim=dict.fromkeys(encoders, 2))
 
 
 def schedule_process_groups(topology: Topology) -> MultiModuleProcessGroupCollection:
@@ -92,19 +102,28 @@ def _per_token_loss(loss_mask: torch.Tensor, loss_scale: float, extra: dict[str,
     return loss_sum * loss_scale, num_tokens.int(), {**reported, **extra}
 
 
+def encoder_inputs(branch: str) -> tuple[str, Callable]:
+    """(batch field, ``modality_inputs`` builder) of encoder ``branch``."""
+    field, build = ENCODER_INPUTS[branch]
+    if build is None:
+        from megatron_mimo.models.audio import audio_inputs as build
+    return field, build
+
+
 def make_forward_step(job, forward_only: bool) -> Callable:
-    """The ``forward_step_func`` of this rank: images ranks encode pixels; language stages run
+    """The ``forward_step_func`` of this rank: encoder ranks encode their media; language stages run
     their layers (stage 0 merges the received image embeddings, the last stage the loss, and in
     evaluation a second, logits-only pass that counts the correct answers)."""
     device, dtype, timer = job.runtime.device, job.dtype, job.timer
     # fp16: the loss scale (1 otherwise; unscaled in prepare_grads), read once per global batch
     scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
 
-    def images_step(micro: Batch, model):
-        pixels = micro["pixels"].to(device, dtype)
-        outputs, _ = model(input_ids=None, modality_inputs={IMAGES: images_inputs(pixels)})
+    def encoder_step(micro: Batch, model):
+        field, build = encoder_inputs(job.branch)
+        media = micro[field].to(device, dtype)
+        outputs, _ = model(input_ids=None, modality_inputs={job.branch: build(media)})
         # Float16Module returns fp32 on a last stage; the bridge carries the training dtype
-        return {IMAGES: outputs[IMAGES].to(dtype)}, None
+        return {job.branch: outputs[job.branch].to(dtype)}, None
 
     def language_forward(model, batch: dict[str, torch.Tensor], labels: bool):
         output, _ = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -118,11 +137,15 @@ def make_forward_step(job, forward_only: bool) -> Callable:
         extra = {}
         if forward_only and job.is_last_stage():
             logits = language_forward(model, batch, labels=False)
-            extra = {"correct": count_correct_answers(logits, batch, job.topology.pgs().tp),
+            tp = job.topology.pgs().tp
+            extra = {"correct": count_correct_answers(logits, batch, tp),
                      "answers": torch.tensor(float(len(micro["keys"])), device=device)}
+            if AUDIO_ANSWER_FIELD in micro:  # the clip's answer word, with an audio branch
+                at_clip = {**batch, "answer_position": micro[AUDIO_ANSWER_FIELD].to(device)}
+                extra["audio_correct"] = count_correct_answers(logits, at_clip, tp)
         return output, partial(_per_token_loss, batch["loss_mask"], scale, extra)
 
-    step = images_step if job.branch == IMAGES else language_step
+    step = language_step if job.branch == LANGUAGE else encoder_step
 
     def forward_step(data_iterator: Iterator[Batch], model):
         with timer("forward"), torch.set_grad_enabled(not forward_only):

@@ -28,6 +28,9 @@ class BatchSums:
     """Evaluation only: samples whose answer word is the argmax of the logits."""
     answers: float = 0.0
     """Evaluation only: samples asked."""
+    audio_correct: float = 0.0
+    """Evaluation only, with an audio branch: samples whose second answer (the clip's) is the
+    argmax of the logits."""
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -75,6 +78,8 @@ class EvalResult:
     accuracy: float
     """Share of held-out samples whose answer word (the caption's last word; for mock samples
     the first text token) is the argmax of the logits."""
+    audio_accuracy: float | None = None
+    """With an audio branch: the same share for the clip's answer word."""
 
 
 @dataclass

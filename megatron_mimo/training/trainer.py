@@ -126,7 +126,7 @@ class Trainer:
                               or iteration == 1)
             if training.eval_interval and iteration % training.eval_interval == 0:
                 result = self.evaluate()
-                self.sinks.record_eval(iteration, result.loss, result.accuracy)
+                self.sinks.record_eval(iteration, result)
             if saving and ckpt.save_interval and iteration % ckpt.save_interval == 0:
                 self.save()
             if self.checkpoints is not None:

@@ -35,8 +35,9 @@ def test_every_preset_builds_and_round_trips_through_dict(name):
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ConfigError, match="known presets: digits_cpu, llava_8gpu, llava_8gpu_pp, llava_digits_cpu, "
-                                          "nemotron_8gpu, tiny_cpu, tiny_cpu_nemotron, tiny_cpu_pp"):
+    with pytest.raises(ConfigError, match="known presets: av_8gpu, digits_cpu, llava_8gpu, llava_8gpu_pp, "
+                                          "llava_digits_cpu, nemotron_8gpu, tiny_cpu, tiny_cpu_av, "
+                                          "tiny_cpu_nemotron, tiny_cpu_pp"):
         get_preset("nope")
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from megatron_mimo.config.cli import config_from_args, flag_specs
+from megatron_mimo.config.cli import apply_overrides, config_from_args, flag_specs
 from megatron_mimo.config.layout import IMAGES, LANGUAGE
+from megatron_mimo.config.presets import tiny_cpu
 from megatron_mimo.config.schema import TrainingConfig
 from megatron_mimo.errors import ConfigError
 from megatron_mimo.main import main
@@ -140,5 +141,14 @@ def test_fp16_with_a_frozen_language_model_is_refused(capsys, monkeypatch):
     assert main(["--freeze-lm", "--fp16", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--freeze-lm with --fp16" in err and "--bf16" in err
-    with pytest.raises(ConfigError):
-        TrainingConfig(freeze_vit=True, freeze_projection=True, freeze_lm=True)
+    frozen = {f"training.{name}": True for name in FLAGS.values()}
+    with pytest.raises(ConfigError, match="leave nothing to train"):
+        apply_overrides(tiny_cpu(), frozen)
+
+
+def test_with_an_audio_branch_freezing_everything_else_leaves_audio_to_train():
+    frozen = {f"training.{name}": True for name in FLAGS.values()}
+    audio = {"audio_parallel.offset": 4, "language.seq_length": 64}
+    assert apply_overrides(tiny_cpu(), {**frozen, **audio}).training.freeze_lm
+    with pytest.raises(ConfigError, match="and training.freeze_lm together leave nothing"):
+        apply_overrides(tiny_cpu(), {**frozen, **audio, "training.freeze_audio": True})

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from megatron_mimo.metrics.sinks import MetricSinks, format_log_line
+from megatron_mimo.training.state import EvalResult
 
 RECORD = {"iteration": 10, "consumed_samples": 80, "ms_per_iteration": 250.0,
           "lr": {"images": 1e-3, "language": 3e-3}, "loss": 4.2, "grad_norm": 1.5,
@@ -32,7 +33,7 @@ def test_jsonl_sink_round_trips_floats_exactly(tmp_path, caplog):
     record = {**RECORD, "loss": 0.1 + 0.2}
     with caplog.at_level(logging.INFO):
         sinks.record(record, print_line=True)
-        sinks.record_eval(10, 3.5, 0.75)
+        sinks.record_eval(10, EvalResult(loss=3.5, accuracy=0.75))
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines[0]["loss"] == 0.1 + 0.2 and lines[1] == {"iteration": 10, "eval_loss": 3.5,
                                                                  "eval_accuracy": 0.75}

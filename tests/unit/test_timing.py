@@ -167,10 +167,11 @@ def test_communication_timing_refuses_a_second_install():
 
 
 def test_batch_sums_columns_are_the_field_order():
-    assert BatchSums.names() == ("loss_sum", "num_tokens", "correct", "answers")
-    assert [BatchSums.column(n) for n in BatchSums.names()] == [0, 1, 2, 3]
-    tensor = BatchSums(loss_sum=1.5, num_tokens=2.0, correct=3.0, answers=4.0).to_tensor()
-    assert tensor.tolist() == [1.5, 2.0, 3.0, 4.0]
+    assert BatchSums.names() == ("loss_sum", "num_tokens", "correct", "answers", "audio_correct")
+    assert [BatchSums.column(n) for n in BatchSums.names()] == [0, 1, 2, 3, 4]
+    tensor = BatchSums(loss_sum=1.5, num_tokens=2.0, correct=3.0, answers=4.0,
+                       audio_correct=5.0).to_tensor()
+    assert tensor.tolist() == [1.5, 2.0, 3.0, 4.0, 5.0]
     assert tensor.dtype == torch.float32
 
 
