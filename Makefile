@@ -6,7 +6,8 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
 NPROC     ?= 4
 CONFIG    ?= digits_cpu
-DATA      ?= data/digits
+# tiny_cpu_av reads digit images paired with DTMF tones (prepared with --audio)
+DATA      ?= $(if $(filter tiny_cpu_av,$(CONFIG)),data/digits-av,data/digits)
 ARGS      ?=
 PYTEST_ARGS ?=
 
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 
 # The digits dataset is prepared once (a few seconds, no download) and reused afterwards.
 $(DATA)/.nv-meta/dataset.yaml: | $(STAMP)
-	$(VENV)/bin/megatron-mimo data prepare-digits $(DATA)
+	$(VENV)/bin/megatron-mimo data prepare-digits $(DATA) $(if $(filter %-av,$(DATA)),--audio)
 
 # CONFIG=llava_digits_cpu fine-tunes an imported Hugging Face LLaVA: a tiny random one is written
 # and imported once (no download), as a downloaded model would be.

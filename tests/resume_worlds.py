@@ -20,6 +20,8 @@ A = "images_tp1dp2_language_tp2dp1"
 B = "images_tp2dp1_language_tp1dp2"  # saves its optimizer state fully_reshardable
 NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tiny_cpu_nemotron)
 PP2 = "images_tp1dp2_language_pp2"  # language TP1xDP1xPP2, fully_reshardable
+AV = "av_images_dp1_audio_dp2_language_tp1"  # three branches, fully_reshardable
+AV_DP = "av_images_dp2_audio_dp1_language_tp1"  # the same, audio (and images) DP changed
 FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
 ASYNC = {"checkpoint.async_save": True}
 BF16 = {"precision.bf16": True}
@@ -38,17 +40,20 @@ CASES: dict[str, tuple[str, int, dict[str, Any]]] = {  # name: (layout, ranks, o
     "bf16_four_ranks": (A, 4, BF16),
     "fp16_two_ranks": (TWO_RANKS, 2, FP16),
     "bf16_nemotron": (NEMOTRON, 4, BF16),
+    AV: (AV, 4, FULLY),
+    AV_DP: (AV_DP, 4, FULLY),
 }
 """B and TWO_RANKS save in the background (--async-save): their resume tests cover async saves;
 TWO_RANKS is also the fp32 run the precision cases compare with."""
 
 FOREIGN = {A: {"other_layout": B, "from_pp2": PP2}, B: {"other_layout": A},
-           PP2: {"from_pp1": B, "from_pp1_dp": A}, "bf16_two_ranks": {"fp32": TWO_RANKS}}
+           PP2: {"from_pp1": B, "from_pp1_dp": A}, "bf16_two_ranks": {"fp32": TWO_RANKS},
+           AV_DP: {"other_audio_dp": AV}}
 """Before resuming its own checkpoint, a case loads these others' (``Resumed.probes`` by probe
 name): A loads B's fully_reshardable one (another TP/DP) and PP2's (language PP2 -> PP1), B loads
 A's dp_reshardable one (refused at once), PP2 loads B's (PP1 -> PP2) and A's (a PP change under
 dp_reshardable: refused), bf16 loads the fp32 one (refused: another precision's optimizer
-state)."""
+state), AV_DP loads AV's (the audio branch's DP 2 -> 1, the images' 1 -> 2)."""
 
 
 def _by_world_size(mode: str, root: Path, extra, more: dict[str, tuple[int, dict]] | None = None

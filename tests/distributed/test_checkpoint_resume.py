@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from tests.resume_worlds import CASES, NEMOTRON, PP2, A, B
+from tests.resume_worlds import AV, AV_DP, CASES, NEMOTRON, PP2, A, B
 from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 
 pytestmark = pytest.mark.dist
 
-RANKS = {name: ranks for name, (_, ranks, _) in CASES.items() if name in (A, B, TWO_RANKS, NEMOTRON, PP2)}
+RANKS = {name: ranks for name, (_, ranks, _) in CASES.items()
+         if name in (A, B, TWO_RANKS, NEMOTRON, PP2, AV, AV_DP)}
 """The layouts (fp32); test_precision checks the bf16 / fp16 cases of the same worlds."""
 
 
@@ -134,6 +135,34 @@ def test_fully_reshardable_resumes_under_another_layout(saved, resumed):
         assert foreign.ok, foreign
         assert foreign.iteration == N
         assert foreign.eval == pytest.approx(saved_eval, rel=1e-5)
+
+
+def test_three_branches_resume_under_another_audio_dp(saved, resumed):
+    """fully_reshardable: the checkpoint of audio DP2 (images DP1) loads under audio DP1
+    (images DP2): every branch's weights and optimizer state, the three schedulers."""
+    assert [rank.branch for rank in resumed[AV_DP]] == ["images", "images", "audio", "language"]
+    saved_eval = saved[AV][0].eval_at_save
+    for rank in resumed[AV_DP]:
+        foreign = rank.probes["other_audio_dp"]
+        assert foreign.ok, foreign
+        assert foreign.iteration == N
+        assert foreign.eval == pytest.approx(saved_eval, rel=1e-5)
+
+
+def test_three_branch_checkpoint_holds_every_branch(root, saved, resumed):
+    """Weights and optimizer state of the audio branch are saved under their own keys
+    (``modality_submodules.audio.*``, ``mimo.audio.*``), and the manifest records the audio
+    model; the records log the three branches' LRs."""
+    from megatron_mimo.checkpoint.tools import layout_of_bytes
+
+    directory = root / AV / f"iter_{N:07d}"
+    sizes = layout_of_bytes(directory, ("images", "audio", "language"))
+    assert {"images", "audio", "language"} <= set(sizes), sizes
+    assert sizes["audio"]["float32"] > 0
+    manifest = json.loads((directory / "mimo_manifest.json").read_text())
+    assert set(manifest["model"]) == {"images", "audio", "language"}
+    assert set(manifest["topology"]) == {"images", "audio", "language"}
+    assert all(set(r["lr"]) == {"images", "audio", "language"} for r in resumed[AV][0].records)
 
 
 @pytest.mark.parametrize("layout", [B, TWO_RANKS])

@@ -48,15 +48,23 @@ def vqa(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def saved(digits, vqa, root):
-    return run_world(WORKER, 4, {"mode": "saved", "data": digits, "vqa": vqa, "root": root},
-                     timeout=300)
+def av(digits_av_dataset):
+    return str(digits_av_dataset)
 
 
 @pytest.fixture(scope="module")
-def resumed(digits, vqa, root, saved):
-    return run_world(WORKER, 4, {"mode": "resumed", "data": digits, "vqa": vqa, "root": root},
-                     timeout=300)
+def datasets(digits, vqa, av):
+    return {"data": digits, "vqa": vqa, "av": av}
+
+
+@pytest.fixture(scope="module")
+def saved(datasets, root):
+    return run_world(WORKER, 4, {"mode": "saved", **datasets, "root": root}, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def resumed(datasets, root, saved):
+    return run_world(WORKER, 4, {"mode": "resumed", **datasets, "root": root}, timeout=400)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +73,9 @@ def learning(digits):
 
 
 def _agree(ranks: list[tuple[Place, list[list[str]]]]) -> None:
-    """Per micro-batch: the images ranks' sample keys in DP order equal the language ranks'
-    keys in DP order (the bridge's order); TP ranks of one DP rank read the same samples.
-    ``ranks``: every rank's place and its keys per micro-batch of one iteration."""
+    """Per micro-batch: every encoder's (images, audio) sample keys in DP order equal the
+    language ranks' keys in DP order (the bridge's order); TP ranks of one DP rank read the same
+    samples. ``ranks``: every rank's place and its keys per micro-batch of one iteration."""
     def branch_side(branch: str, m: int) -> list[str]:
         by_dp: dict[int, list[str]] = {}
         for place, keys in ranks:
@@ -75,9 +83,12 @@ def _agree(ranks: list[tuple[Place, list[list[str]]]]) -> None:
                 assert by_dp.setdefault(place.dp, keys[m]) == keys[m]
         return sum((by_dp[dp] for dp in sorted(by_dp)), [])
 
+    branches = {place.branch for place, _ in ranks}
     for m in range(len(ranks[0][1])):
-        images, language = branch_side("images", m), branch_side("language", m)
-        assert images == language and len(set(images)) == len(images), (m, images, language)
+        language = branch_side("language", m)
+        assert language and len(set(language)) == len(language), language
+        for encoder in sorted(branches - {"language"}):
+            assert branch_side(encoder, m) == language, (m, encoder, language)
 
 
 def _named(runs: list[SavedRun] | list[ResumedRun], name: str):

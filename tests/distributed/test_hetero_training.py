@@ -146,3 +146,27 @@ def test_dry_run_parameter_count_matches_each_pipeline_stage(pipeline, kind):
     for rank in pipeline:
         got = getattr(rank, kind)
         assert got.local_parameters == branch_parameters(cfg, got.branch, got.stage), got.stage
+
+
+@pytest.mark.parametrize("layout", ["av_language_tp2", "av_language_pp2"])
+def test_three_branches_match_a_single_rank_reference(pipeline, references, layout):
+    """Images on rank 0, audio on rank 1, language TP2 (or TP1xPP2) on ranks 2-3: two bridges
+    into language stage 0, three optimizers and schedulers; the records equal one rank running
+    the three modules (loss, grad norm, every branch's LR)."""
+    from megatron_mimo.config.memory import branch_parameters
+    from tests.workers.training_world import AV_LAYOUTS, make_cfg
+
+    cfg = make_cfg(AV_LAYOUTS[layout])
+    assert [r.av[layout].branch for r in pipeline] == ["images", "audio", "language", "language"]
+    for rank in pipeline:
+        steps = rank.av[layout].steps
+        for step, (got, want) in enumerate(zip(steps, references.av, strict=True)):
+            record = got.record
+            assert _rel(record["loss"], want.loss) < 1e-6, (rank.world_rank, step, record, want)
+            assert _rel(record["grad_norm"], want.grad_norm) < 1e-6, (step, record, want)
+            assert set(record["lr"]) == {"images", "audio", "language"}
+            assert record["lr"] == pytest.approx(want.lr, rel=1e-12)
+            assert not record["skipped"]
+        assert all(s.params_changed for s in steps[1:])  # every branch learns
+        run = rank.av[layout]  # --dry-run's count of each branch's rank is the built one
+        assert run.local_parameters == branch_parameters(cfg, run.branch, run.stage), run.branch

@@ -3,8 +3,9 @@
 Modes (args["mode"]):
   "saved"    4 ranks, images DP2 -> language TP2 DP1; for each run of :data:`RUNS` (captions
              with --num-workers 0 and 2; instruction data, ``args["vqa"]``, with the vision tower
-             frozen as in LLaVA's stage 2): 2N iterations straight, then N iterations + save (the
-             sample keys of every micro-batch on every rank are recorded)
+             frozen as in LLaVA's stage 2; images with tones, ``args["av"]``, on three branches:
+             images rank 0, audio rank 1, language TP2): 2N iterations straight, then N
+             iterations + save (the sample keys of every micro-batch on every rank are recorded)
   "resumed"  fresh processes: each checkpoint loaded and trained N more iterations; then
              images DP1 -> language DP3: that checkpoint's loader state refused (another
              layout), and sample agreement
@@ -29,9 +30,10 @@ RUNS: dict[str, dict[str, Any]] = {
     "w0": {"data.num_workers": 0},
     "w2": {"data.num_workers": 2},
     "vqa": {"data.num_workers": 0, "training.freeze_vit": True},
+    "av": {"data.num_workers": 0, "images_parallel.dp": 1, "audio_parallel.offset": 1},
 }
-"""Runs of modes "saved" and "resumed" by name; "vqa" reads ``args["vqa"]``, the others
-``args["data"]``."""
+"""Runs of modes "saved" and "resumed" by name; "vqa" reads ``args["vqa"]``, "av"
+``args["av"]``, the others ``args["data"]``."""
 FAN_OUT = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.dp": 3,
            "language_parallel.offset": 1, "training.micro_batch_size": 4,
            "training.global_batch_size": 24}
@@ -135,7 +137,7 @@ def steps(trainer, count: int) -> list[Step]:
 
 def run_cfg(args: dict, name: str, overrides: dict[str, Any] | None = None) -> MimoConfig:
     """The configuration of run ``name`` of :data:`RUNS`."""
-    data = args["vqa"] if name == "vqa" else args["data"]
+    data = args[name] if name in ("vqa", "av") else args["data"]
     return make_cfg(data, {**RUNS[name], **(overrides or {})})
 
 

@@ -6,7 +6,8 @@ mode "hetero": the real job on 2 ranks (images rank 0, language rank 1).
 mode "layouts": the real job on 4 ranks, two layouts in turn, then a found-inf injected on the
     images ranks only.
 mode "pipeline": the real job on 4 ranks with the language branch over 2 pipeline stages
-    (megatron-core's 1F1B schedule, 4 micro-batches), then a found-inf on the last stage only.
+    (megatron-core's 1F1B schedule, 4 micro-batches), then a found-inf on the last stage only;
+    then three branches (images rank 0, audio rank 1) with language TP2 and with language PP2.
 Each mode returns its dataclass below; the production iteration record (``Trainer.step()``)
 stays a dict inside :class:`Step`.
 """
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_mimo.config import IMAGES, LANGUAGE, MimoConfig
+from megatron_mimo.config import AUDIO, IMAGES, LANGUAGE, MimoConfig
 from megatron_mimo.config.cli import apply_overrides
 from megatron_mimo.config.presets import tiny_cpu
 from megatron_mimo.distributed.runtime import model_parallel_state_is_untouched
@@ -42,6 +43,10 @@ LLAMA = {"language.normalization": "RMSNorm", "language.swiglu": True,
 """A Llama-family GPT: RMSNorm, SwiGLU, 4 heads over 2 key/value groups (one per TP rank at
 TP2), no biases, RoPE base 500000, output layer tied to the word embeddings."""
 LLAMA_LAYOUT = "llama_images_tp1dp2_language_tp2dp1"
+AV = {"images_parallel.dp": 1, "audio_parallel.offset": 1, "audio.hidden_dropout": 0.0,
+      "language.seq_length": 64}
+"""Three branches: images on rank 0, audio on rank 1, language (TP2) on ranks 2-3."""
+AV_LAYOUTS = {"av_language_tp2": AV, "av_language_pp2": {**AV, **PIPELINE}}
 
 
 @dataclass
@@ -92,6 +97,8 @@ class References:
     gpt: list[ReferenceStep]
     mamba_hybrid: list[ReferenceStep]
     llama: list[ReferenceStep]
+    av: list[ReferenceStep]
+    """Three branches (images, audio, GPT)."""
 
 
 @dataclass
@@ -115,6 +122,8 @@ class Pipeline:
     mamba_hybrid: JobRun
     found_inf: JobRun
     """GPT, three iterations, a found-inf on the last language stage only at the second."""
+    av: dict[str, JobRun]
+    """By :data:`AV_LAYOUTS` name."""
 
 
 def make_cfg(overrides: dict[str, Any]) -> MimoConfig:
@@ -153,9 +162,41 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
                       eval=Eval(loss=held_out.loss, accuracy=held_out.accuracy))
 
 
-def reference(cfg: MimoConfig, iterations: int) -> list[ReferenceStep]:
-    """Both branches on one rank, full batch, torch AdamW, megatron's LR scheduler."""
+def _reference_encoders(cfg: MimoConfig, pgs) -> dict[str, tuple[torch.nn.Module, Any, int]]:
+    """Every encoder of ``cfg`` built on one rank: (module, inputs of sample indices, the token
+    id whose slots it fills)."""
+    from megatron.core.models.mimo.submodules.audio import AudioModalitySubmodules
     from megatron.core.models.mimo.submodules.vision import VisionModalitySubmodules
+
+    from megatron_mimo.data.mock import MockImageText
+    from megatron_mimo.models.common import branch_init_seed
+    from megatron_mimo.models.vision import images_inputs, images_submodule_spec
+
+    cpu, seed = torch.device("cpu"), cfg.training.seed
+    data = MockImageText(cfg.images, cfg.language, seed, **mock_audio(cfg))
+    torch.manual_seed(branch_init_seed(seed, IMAGES))
+    images = VisionModalitySubmodules.from_spec(
+        images_submodule_spec(cfg.images, cfg.language.hidden_size, 1, pgs, cpu))
+    out = {IMAGES: (images, lambda idx: images_inputs(data.pixels(idx)),
+                    cfg.language.image_token_id)}
+    if AUDIO in cfg.branches:
+        from megatron_mimo.models.audio import audio_inputs, audio_submodule_spec
+
+        torch.manual_seed(branch_init_seed(seed, AUDIO))
+        audio = AudioModalitySubmodules.from_spec(
+            audio_submodule_spec(cfg.audio, cfg.language.hidden_size, 1, pgs, cpu))
+        out[AUDIO] = (audio, lambda idx: audio_inputs(data.audio(idx)),
+                      cfg.language.audio_token_id)
+    return out
+
+
+def mock_audio(cfg: MimoConfig) -> dict[str, Any]:
+    """The mock dataset's audio arguments of ``cfg`` (none without an audio branch)."""
+    return {"audio": cfg.audio} if AUDIO in cfg.branches else {}
+
+
+def reference(cfg: MimoConfig, iterations: int) -> list[ReferenceStep]:
+    """Every branch on one rank, full batch, torch AdamW, megatron's LR scheduler."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_mimo.config.layout import branch_spec
@@ -163,41 +204,45 @@ def reference(cfg: MimoConfig, iterations: int) -> list[ReferenceStep]:
     from megatron_mimo.distributed.topology import build_topology
     from megatron_mimo.models.common import branch_init_seed
     from megatron_mimo.models.mimo import language_spec
-    from megatron_mimo.models.vision import images_inputs, images_submodule_spec
     from megatron_mimo.training.optimizer import build_scheduler
     from megatron_mimo.training.seeding import seed_rank
 
     topo = build_topology([branch_spec("solo")])
     pgs, cpu, seed = topo.pgs(), torch.device("cpu"), cfg.training.seed
     seed_rank(seed, LANGUAGE, 0)
-    torch.manual_seed(branch_init_seed(seed, IMAGES))
-    encoder = VisionModalitySubmodules.from_spec(
-        images_submodule_spec(cfg.images, cfg.language.hidden_size, 1, pgs, cpu))
+    encoders = _reference_encoders(cfg, pgs)
     torch.manual_seed(branch_init_seed(seed, LANGUAGE))
     lm = build_module(language_spec(cfg, pgs, cpu))  # GPT or Mamba hybrid, one stage
     opt = cfg.optimizer
     optimizers, schedulers = {}, {}
-    for name, module in ((IMAGES, encoder), (LANGUAGE, lm)):
+    modules = {**{name: module for name, (module, _, _) in encoders.items()}, LANGUAGE: lm}
+    for name, module in modules.items():
         optimizers[name] = torch.optim.AdamW(module.parameters(), lr=0.0, betas=(opt.adam_beta1, opt.adam_beta2),
                                              eps=opt.adam_eps, weight_decay=0.0)
         schedulers[name] = build_scheduler(cfg, optimizers[name], name)
-    data = MockImageText(cfg.images, cfg.language, seed)
-    params = list(encoder.parameters()) + list(lm.parameters())
+    data = MockImageText(cfg.images, cfg.language, seed, **mock_audio(cfg))
+    params = [p for module in modules.values() for p in module.parameters()]
     gbs, records = cfg.training.global_batch_size, []
     for it in range(iterations):
         indices = list(range(it * gbs, (it + 1) * gbs))
         batch = data.tokens(indices)
         for p in params:
             p.grad = None
-        image_emb = encoder(encoder_inputs=images_inputs(data.pixels(indices)))  # [b*P, H]
-        is_image = batch["input_ids"] == cfg.language.image_token_id
-        text_ids = batch["input_ids"].masked_fill(is_image, 0)
-        text_emb = lm.embedding(input_ids=text_ids, position_ids=batch["position_ids"])  # [s, b, H]
-        placed = torch.zeros_like(text_emb.transpose(0, 1))
-        placed[is_image] = image_emb
-        combined = torch.where(is_image.unsqueeze(-1), placed, text_emb.transpose(0, 1))
+        ids = batch["input_ids"]
+        media = torch.zeros_like(ids, dtype=torch.bool)
+        for _, _, token in encoders.values():
+            media |= ids == token
+        text_emb = lm.embedding(input_ids=ids.masked_fill(media, 0),
+                                position_ids=batch["position_ids"]).transpose(0, 1)  # [b, s, H]
+        combined = text_emb
+        for module, inputs, token in encoders.values():
+            slots = ids == token
+            placed = torch.zeros_like(text_emb)
+            placed[slots] = module(encoder_inputs=inputs(indices))  # [b * tokens, H], in order
+            combined = torch.where(slots.unsqueeze(-1), placed, combined)
+        combined = combined.transpose(0, 1)
         token_loss = lm(input_ids=None, position_ids=batch["position_ids"],
-                        decoder_input=combined.transpose(0, 1).contiguous(), labels=batch["labels"],
+                        decoder_input=combined.contiguous(), labels=batch["labels"],
                         attention_mask=None)
         loss = (token_loss * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
         loss.backward()
@@ -221,7 +266,8 @@ def body(args: dict[str, Any]) -> Any:
     if mode == "reference":
         return References(gpt=reference(make_cfg({}), ITERS),
                           mamba_hybrid=reference(make_cfg(HYBRID), ITERS),
-                          llama=reference(make_cfg(LLAMA), ITERS))
+                          llama=reference(make_cfg(LLAMA), ITERS),
+                          av=reference(make_cfg(AV), ITERS))
     if mode == "hetero":
         cfg = make_cfg({"images_parallel.dp": 1, "language_parallel.offset": 1,
                         "language_parallel.tp": 1})
@@ -231,7 +277,9 @@ def body(args: dict[str, Any]) -> Any:
                         gpt=run_job(make_cfg(PIPELINE), ITERS),
                         mamba_hybrid=run_job(make_cfg({**PIPELINE, **HYBRID}), ITERS),
                         found_inf=run_job(make_cfg(PIPELINE), 3, inject_found_inf_at=2,
-                                          inject_branch=LANGUAGE))
+                                          inject_branch=LANGUAGE),
+                        av={name: run_job(make_cfg(over), ITERS)
+                            for name, over in AV_LAYOUTS.items()})
     runs = {name: run_job(make_cfg(over), ITERS) for name, over in
             {**LAYOUTS, LLAMA_LAYOUT: LLAMA}.items()}
     return Layouts(world_rank=dist.get_rank(), runs=runs,
