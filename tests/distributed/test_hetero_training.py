@@ -170,3 +170,17 @@ def test_three_branches_match_a_single_rank_reference(pipeline, references, layo
         assert all(s.params_changed for s in steps[1:])  # every branch learns
         run = rank.av[layout]  # --dry-run's count of each branch's rank is the built one
         assert run.local_parameters == branch_parameters(cfg, run.branch, run.stage), run.branch
+
+
+def test_each_input_carries_its_own_answer(pipeline):
+    """Three branches on mock samples (16 classes each; chance 1/16): with silent clips the
+    clip's answer stays at chance while the image's is learned, and the mirror case with blank
+    images. (Both learned together: ``make train CONFIG=tiny_cpu_av``, README.)"""
+    from tests.workers.training_world import AV_LEARN_ITERS
+
+    got = {name: (e.accuracy, e.audio_accuracy) for name, e in pipeline[0].ablations.items()}
+    assert all(r.ablations == pipeline[0].ablations for r in pipeline)  # world-agreed
+    print(f"held-out (image, clip) answer accuracy after {AV_LEARN_ITERS} iterations: {got}")
+    (image, silent), (blank, clip) = got["blank_audio"], got["blank_images"]
+    assert image > 0.3 and silent < 0.2, got
+    assert clip > 0.3 and blank < 0.2, got

@@ -7,7 +7,8 @@ mode "layouts": the real job on 4 ranks, two layouts in turn, then a found-inf i
     images ranks only.
 mode "pipeline": the real job on 4 ranks with the language branch over 2 pipeline stages
     (megatron-core's 1F1B schedule, 4 micro-batches), then a found-inf on the last stage only;
-    then three branches (images rank 0, audio rank 1) with language TP2 and with language PP2.
+    then three branches (images rank 0, audio rank 1) with language TP2 and with language PP2,
+    and the three-branch ablations (:data:`AV_ABLATIONS`): each input carries its own answer.
 Each mode returns its dataclass below; the production iteration record (``Trainer.step()``)
 stays a dict inside :class:`Step`.
 """
@@ -47,6 +48,16 @@ AV = {"images_parallel.dp": 1, "audio_parallel.offset": 1, "audio.hidden_dropout
       "language.seq_length": 64}
 """Three branches: images on rank 0, audio on rank 1, language (TP2) on ranks 2-3."""
 AV_LAYOUTS = {"av_language_tp2": AV, "av_language_pp2": {**AV, **PIPELINE}}
+AV_LEARN_ITERS = 100
+AV_LEARN = {**AV, "language.seq_length": 30, "training.train_iters": AV_LEARN_ITERS,
+            "training.micro_batch_size": 16, "training.global_batch_size": 16,
+            "training.eval_iters": 4, "scheduler.lr_warmup_iters": 5, "optimizer.lr": 3e-3,
+            "optimizer.images_lr": 3e-3, "optimizer.audio_lr": 3e-3}
+"""Mock samples: the first text token names the image's class, the second the clip's (16
+classes each; chance is 1/16). A short text (5 tokens after the 24 media slots) keeps the two
+answers a large share of the loss, so both are learned in few iterations."""
+AV_ABLATIONS = {"blank_audio": {"data.blank_audio": True},
+                "blank_images": {"data.blank_images": True}}
 
 
 @dataclass
@@ -67,6 +78,8 @@ class Eval:
 
     loss: float
     accuracy: float
+    audio_accuracy: float | None = None
+    """With an audio branch: the clip's answer."""
 
 
 @dataclass
@@ -124,6 +137,8 @@ class Pipeline:
     """GPT, three iterations, a found-inf on the last language stage only at the second."""
     av: dict[str, JobRun]
     """By :data:`AV_LAYOUTS` name."""
+    ablations: dict[str, Eval]
+    """Held-out accuracies after :data:`AV_LEARN_ITERS` by :data:`AV_ABLATIONS` name."""
 
 
 def make_cfg(overrides: dict[str, Any]) -> MimoConfig:
@@ -159,7 +174,8 @@ def run_job(cfg: MimoConfig, iterations: int, inject_found_inf_at: int | None = 
         held_out = trainer.evaluate()
         return JobRun(branch=trainer.branch, stage=trainer.job.topology.pgs().pp.rank(),
                       local_parameters=sum(p.numel() for p in ddp.parameters()), steps=steps,
-                      eval=Eval(loss=held_out.loss, accuracy=held_out.accuracy))
+                      eval=Eval(loss=held_out.loss, accuracy=held_out.accuracy,
+                                audio_accuracy=held_out.audio_accuracy))
 
 
 def _reference_encoders(cfg: MimoConfig, pgs) -> dict[str, tuple[torch.nn.Module, Any, int]]:
@@ -279,7 +295,10 @@ def body(args: dict[str, Any]) -> Any:
                         found_inf=run_job(make_cfg(PIPELINE), 3, inject_found_inf_at=2,
                                           inject_branch=LANGUAGE),
                         av={name: run_job(make_cfg(over), ITERS)
-                            for name, over in AV_LAYOUTS.items()})
+                            for name, over in AV_LAYOUTS.items()},
+                        ablations={name: run_job(make_cfg({**AV_LEARN, **over}),
+                                                 AV_LEARN_ITERS).eval
+                                   for name, over in AV_ABLATIONS.items()})
     runs = {name: run_job(make_cfg(over), ITERS) for name, over in
             {**LAYOUTS, LLAMA_LAYOUT: LLAMA}.items()}
     return Layouts(world_rank=dist.get_rank(), runs=runs,
