@@ -128,25 +128,26 @@ def test_dp_reshardable_refuses_another_model_parallel_layout(resumed):
         assert "images TP2xDP1xPP1 on ranks 0-1" in foreign.error
 
 
-def test_fully_reshardable_resumes_under_another_layout(saved, resumed):
-    saved_eval = saved[B][0].eval_at_save
-    for rank in resumed[A]:
-        foreign = rank.probes["other_layout"]
+def _loads_as_saved(saved, resumed, case: str, probe: str, source: str) -> None:
+    """Every rank of ``case`` loaded ``source``'s checkpoint (its probe ``probe``): the
+    iteration and the held-out loss are those at the save."""
+    saved_eval = saved[source][0].eval_at_save
+    for rank in resumed[case]:
+        foreign = rank.probes[probe]
         assert foreign.ok, foreign
         assert foreign.iteration == N
         assert foreign.eval == pytest.approx(saved_eval, rel=1e-5)
+
+
+def test_fully_reshardable_resumes_under_another_layout(saved, resumed):
+    _loads_as_saved(saved, resumed, A, "other_layout", B)
 
 
 def test_three_branches_resume_under_another_audio_dp(saved, resumed):
     """fully_reshardable: the checkpoint of audio DP2 (images DP1) loads under audio DP1
     (images DP2): every branch's weights and optimizer state, the three schedulers."""
     assert [rank.branch for rank in resumed[AV_DP]] == ["images", "images", "audio", "language"]
-    saved_eval = saved[AV][0].eval_at_save
-    for rank in resumed[AV_DP]:
-        foreign = rank.probes["other_audio_dp"]
-        assert foreign.ok, foreign
-        assert foreign.iteration == N
-        assert foreign.eval == pytest.approx(saved_eval, rel=1e-5)
+    _loads_as_saved(saved, resumed, AV_DP, "other_audio_dp", AV)
 
 
 def test_three_branch_checkpoint_holds_every_branch(root, saved, resumed):

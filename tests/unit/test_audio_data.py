@@ -44,6 +44,7 @@ from megatron_mimo.data.source import EnergonSource, build_branch_data, text_fie
 from megatron_mimo.data.tokenizer import WordTokenizer  # noqa: E402
 from megatron_mimo.data.views import assign_branch_views  # noqa: E402
 from megatron_mimo.errors import DataError  # noqa: E402
+from tests.damage import corrupt_first  # noqa: E402
 
 AUDIO = AudioModelConfig()
 """prepare-digits writes tones for the default encoder: 8 kHz, at most 3,968 samples."""
@@ -155,20 +156,10 @@ def test_a_sample_without_a_clip_gets_silence(av_digits):
         assert torch.equal(sample["audio"], silence(AUDIO))
 
 
-def _corrupt_first_wav(shard: Path) -> str:
-    """Overwrite the first WAV's bytes with zeros in place (the index stays valid)."""
-    with tarfile.open(shard) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".wav"))
-    data = bytearray(shard.read_bytes())
-    data[member.offset_data:member.offset_data + member.size] = bytes(member.size)
-    shard.write_bytes(bytes(data))
-    return member.name.removesuffix(".wav")
-
-
 def test_an_undecodable_clip_stops_the_loader_naming_the_sample(av_digits, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(av_digits, copy)
-    key = _corrupt_first_wav(copy / "val" / "shard_000000.tar")
+    key = corrupt_first(copy / "val" / "shard_000000.tar", "wav")
     spec = view(copy, batch=VAL)
     with pytest.raises(DataError, match="cannot decode its WAV file") as error:
         next_batch(iter(build_val_loader(spec, fmt(copy))), spec)  # the whole split in 1 batch

@@ -8,7 +8,6 @@ import gc
 import io
 import math
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -32,6 +31,7 @@ from megatron_mimo.data.source import EnergonSource  # noqa: E402
 from megatron_mimo.data.tokenizer import WordTokenizer  # noqa: E402
 from megatron_mimo.data.views import assign_branch_views, assign_views  # noqa: E402
 from megatron_mimo.errors import DataError  # noqa: E402
+from tests.damage import corrupt_first  # noqa: E402
 
 IMAGE_SIZE, SEQ, IMAGE_TOKENS, IMAGE_TOKEN_ID = 16, 24, 4, 255
 """The encoder here is 16 px: the 32 px dataset images are resized on the way in."""
@@ -130,19 +130,9 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def _corrupt_first_png(shard: Path) -> str:
-    """Overwrite the first PNG's bytes with zeros in place (the index stays valid)."""
-    with tarfile.open(shard) as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
-    data = bytearray(shard.read_bytes())
-    data[member.offset_data:member.offset_data + member.size] = bytes(member.size)
-    shard.write_bytes(bytes(data))
-    return member.name.removesuffix(".png")
-
-
 def test_a_sample_that_fails_to_decode_raises(digits, tmp_path):
     copy = damaged_copy(digits, tmp_path)
-    key = _corrupt_first_png(copy / "val" / "shard_000000.tar")
+    key = corrupt_first(copy / "val" / "shard_000000.tar", "png")
     spec = view(copy, batch=VAL)
     with pytest.raises(DataError, match="failed to read a sample") as error:
         next_batch(iter(build_val_loader(spec, fmt(copy))), spec)
