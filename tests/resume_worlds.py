@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import run_world
-from tests.workers.ckpt_world import TWO_RANKS, Flags, Resumed, Saved
+from tests.workers.ckpt_world import TWO_RANKS, Flags, Probed, Resumed, Saved
 
 WORKER = "tests.workers.ckpt_world"
 A = "images_tp1dp2_language_tp2dp1"
@@ -22,6 +22,8 @@ NEMOTRON = "nemotron_images_tp1dp2_language_tp2dp1"  # RADIO + Mamba hybrid (tin
 PP2 = "images_tp1dp2_language_pp2"  # language TP1xDP1xPP2, fully_reshardable
 AV = "av_images_dp1_audio_dp2_language_tp1"  # three branches, fully_reshardable
 AV_DP = "av_images_dp2_audio_dp1_language_tp1"  # the same, audio (and images) DP changed
+PROBE_ONLY = (AV_DP,)
+"""Cases that only load other cases' checkpoints (their probes): no save, no resume of their own."""
 FULLY = {"checkpoint.dist_ckpt_optim_fully_reshardable": True}
 ASYNC = {"checkpoint.async_save": True}
 BF16 = {"precision.bf16": True}
@@ -62,7 +64,8 @@ def _by_world_size(mode: str, root: Path, extra, more: dict[str, tuple[int, dict
     (ranks, args)) appended to the world of their size."""
     groups: dict[int, list[str]] = {}
     for name, (_, ranks, _) in CASES.items():
-        groups.setdefault(ranks, []).append(name)
+        if mode == "resumed" or name not in PROBE_ONLY:
+            groups.setdefault(ranks, []).append(name)
     for name, (ranks, _) in (more or {}).items():
         groups.setdefault(ranks, []).append(name)
     out: dict[str, list[Any]] = {}
@@ -82,7 +85,7 @@ def save_all(root: Path) -> dict[str, list[Saved]]:
         "inject_overflow_at": OVERFLOW_AT if name.startswith("fp16") else None})
 
 
-def resume_all(root: Path) -> dict[str, list[Resumed | Flags]]:
+def resume_all(root: Path) -> dict[str, list[Resumed | Probed | Flags]]:
     """Every case resumed in fresh processes (after its foreign probes), per rank. The bf16
     two-rank case also loads the fp32 weights with --finetune and --no-load-optim; "flags"
     loads the fp32 two-rank checkpoint with each --no-load-* flag and --finetune."""
@@ -90,7 +93,7 @@ def resume_all(root: Path) -> dict[str, list[Resumed | Flags]]:
         foreign = {probe: str(root / other) for probe, other in FOREIGN.get(name, {}).items()}
         more = {"finetune_root": str(root / TWO_RANKS), "no_load_optim_probe": True} \
             if name == "bf16_two_ranks" else {}
-        return {"foreign_roots": foreign, **more}
+        return {"foreign_roots": foreign, "probe_only": name in PROBE_ONLY, **more}
 
     flags = {"mode": "flags", "root": str(root / TWO_RANKS)}
     return _by_world_size("resumed", root, extra, more={"flags": (2, flags)})

@@ -12,7 +12,7 @@ from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
 pytestmark = pytest.mark.dist
 
 RANKS = {name: ranks for name, (_, ranks, _) in CASES.items()
-         if name in (A, B, TWO_RANKS, NEMOTRON, PP2, AV, AV_DP)}
+         if name in (A, B, TWO_RANKS, NEMOTRON, PP2, AV)}
 """The layouts (fp32); test_precision checks the bf16 / fp16 cases of the same worlds."""
 
 

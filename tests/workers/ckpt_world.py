@@ -92,6 +92,15 @@ class Probe:
 
 
 @dataclass
+class Probed:
+    """Mode "resumed" with ``probe_only`` on one rank: other cases' checkpoints loaded into this
+    layout, no checkpoint of its own."""
+
+    branch: str
+    probes: dict[str, Probe]
+
+
+@dataclass
 class Resumed:
     """Mode "resumed" on one rank: probes first, then its own checkpoint loaded, N more steps."""
 
@@ -326,10 +335,15 @@ def _probe(cfg: MimoConfig) -> Probe:
     return result
 
 
-def mode_resumed(args: dict) -> Resumed:
+def mode_resumed(args: dict) -> Resumed | Probed:
     layout, root, extra = args["layout"], args["root"], args.get("overrides", {})
     probes = {name: _probe(make_cfg(layout, {"checkpoint.load": foreign_root, **extra}))
               for name, foreign_root in (args.get("foreign_roots") or {}).items()}
+    if args.get("probe_only"):
+        from megatron_mimo.config.layout import branch_of
+
+        spec = branch_of(make_cfg(layout, extra).branch_specs(), dist.get_rank())
+        return Probed(branch=spec.name, probes=probes)
     finetune = no_load_optim = None
     if args.get("finetune_root"):  # weights of a checkpoint in another precision
         finetune = _probe(make_cfg(layout, {"checkpoint.load": args["finetune_root"],

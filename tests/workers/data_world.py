@@ -9,7 +9,6 @@ Modes (args["mode"]):
   "resumed"  fresh processes: each checkpoint loaded and trained N more iterations; then
              images DP1 -> language DP3: that checkpoint's loader state refused (another
              layout), and sample agreement
-  "learning" 2 ranks: held-out accuracy after a short run on digits vs on blank images
 Each mode returns its dataclass below; the iteration records inside stay the production record
 (cut to the exact keys by :func:`tests.workers.ckpt_world.exact`).
 """
@@ -37,8 +36,6 @@ RUNS: dict[str, dict[str, Any]] = {
 FAN_OUT = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.dp": 3,
            "language_parallel.offset": 1, "training.micro_batch_size": 4,
            "training.global_batch_size": 24}
-TWO_RANKS = {"images_parallel.dp": 1, "language_parallel.tp": 1, "language_parallel.offset": 1}
-LEARN_ITERS = 200
 GLOBAL_BATCH = 16
 
 
@@ -94,23 +91,6 @@ class Resumed:
     other_layout_error: str | None
     """The load of a loader state saved under another layout (None: it loaded)."""
     fan_out: FanOut
-
-
-@dataclass
-class Learned:
-    """One short run: its last training loss and the held-out loss and answer accuracy."""
-
-    train_loss: float
-    loss: float
-    accuracy: float
-
-
-@dataclass
-class Learning:
-    """Mode "learning" on one rank: the same run on digits and on all-zero images."""
-
-    real: Learned
-    blank: Learned
 
 
 def make_cfg(data: str, overrides: dict[str, Any]) -> MimoConfig:
@@ -183,25 +163,7 @@ def mode_resumed(args: dict) -> Resumed:
     return Resumed(runs=runs, other_layout_error=other_layout_error, fan_out=fanned)
 
 
-def mode_learning(args: dict) -> Learning:
-    from megatron_mimo.training.trainer import Trainer
-
-    learn = {**TWO_RANKS, "training.train_iters": LEARN_ITERS, "training.eval_iters": 18,
-             "training.micro_batch_size": 16, "training.global_batch_size": 16,
-             "images.hidden_dropout": 0.0, "language.hidden_dropout": 0.0,
-             "scheduler.lr_warmup_iters": 10, "optimizer.lr": 3e-3, "optimizer.min_lr": 3e-4,
-             "optimizer.images_lr": 3e-3}
-    out = {}
-    for name, blank in (("real", False), ("blank", True)):
-        with Trainer(make_cfg(args["data"], {**learn, "data.blank_images": blank})) as trainer:
-            losses = [trainer.step()["loss"] for _ in range(trainer.cfg.training.train_iters)]
-            result = trainer.evaluate()
-            out[name] = Learned(train_loss=losses[-1], loss=result.loss,
-                                accuracy=result.accuracy)
-    return Learning(**out)
-
-
-MODES = {"saved": mode_saved, "resumed": mode_resumed, "learning": mode_learning}
+MODES = {"saved": mode_saved, "resumed": mode_resumed}
 
 
 def body(args: dict) -> Any:
