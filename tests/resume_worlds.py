@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.harness import run_world
-from tests.workers.ckpt_world import TWO_RANKS, Flags, Probed, Resumed, Saved
+from tests.workers.ckpt_layouts import TWO_RANKS
+from tests.workers.ckpt_world import Flags, Probed, Resumed, Saved
 
 WORKER = "tests.workers.ckpt_world"
 A = "images_tp1dp2_language_tp2dp1"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from tests.resume_worlds import AV, AV_DP, CASES, NEMOTRON, PP2, A, B
-from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
+from tests.workers.ckpt_layouts import TWO_RANKS, N
+from tests.workers.ckpt_world import EXACT_KEYS
 
 pytestmark = pytest.mark.dist
 
@@ -85,7 +86,7 @@ def test_dp_reshardable_refuses_a_language_pp_change(resumed):
 def test_every_language_layer_is_saved_once_across_stages(root, saved):
     from torch.distributed.checkpoint import FileSystemReader
 
-    from tests.workers.ckpt_world import make_cfg
+    from tests.workers.ckpt_layouts import make_cfg
 
     num_layers = make_cfg(PP2).language.num_layers
     metadata = FileSystemReader(str(root / PP2 / f"iter_{N:07d}")).read_metadata()

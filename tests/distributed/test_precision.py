@@ -8,7 +8,8 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from tests.resume_worlds import CASES as ALL
 from tests.resume_worlds import NEMOTRON, OVERFLOW_AT
-from tests.workers.ckpt_world import EXACT_KEYS, TWO_RANKS, N
+from tests.workers.ckpt_layouts import TWO_RANKS, N
+from tests.workers.ckpt_world import EXACT_KEYS
 
 pytestmark = pytest.mark.dist
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from tests.workers.ckpt_world import TWO_RANKS, UNEVEN, Run, exact, make_cfg
+from tests.workers.ckpt_layouts import TWO_RANKS, UNEVEN, make_cfg
+from tests.workers.ckpt_world import Run, exact
 from tests.workers.common import forbid_parallel_state_groups, worker_main
 
 
