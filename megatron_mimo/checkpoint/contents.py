@@ -38,6 +38,7 @@ from megatron_mimo.config.layout import ParallelismConfig
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.errors import CheckpointError
+from megatron_mimo.models.freezing import FLAGS as FREEZE_FLAGS
 
 logger = logging.getLogger(__name__)
 
@@ -307,9 +308,6 @@ def model_sections(config: dict[str, Any]) -> dict[str, Any]:
     return {section: config[section] for section in ("images", "language", *audio)}
 
 
-FREEZE_FLAGS = {"vit": "freeze_vit", "projection": "freeze_projection", "lm": "freeze_lm",
-                "audio": "freeze_audio"}
-"""Module -> the training field (``--freeze-*``) that freezes it."""
 
 
 def frozen_modules(config: dict[str, Any]) -> list[str]:

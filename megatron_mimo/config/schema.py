@@ -256,10 +256,15 @@ class MimoConfig:
         return {IMAGES: self.images, AUDIO: self.audio, LANGUAGE: self.language}[branch]
 
     @property
+    def audio_model(self) -> AudioModelConfig | None:
+        """The audio encoder's section when the job has an audio branch, else None."""
+        return self.audio if AUDIO in self.branches else None
+
+    @property
     def media_tokens(self) -> int:
         """Placeholder tokens every sample holds: its image's, and its clip's with audio."""
-        audio = self.audio.num_audio_tokens if AUDIO in self.branches else 0
-        return self.images.num_image_tokens + audio
+        audio = self.audio_model
+        return self.images.num_image_tokens + (audio.num_audio_tokens if audio else 0)
 
     def _validate_model_split(self) -> None:
         for branch in self.branches:

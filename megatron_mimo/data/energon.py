@@ -119,7 +119,7 @@ class SampleFormat:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise DataError(f"sample {key}: {name} {value!r} is not a word index")
         ids, image_index = word_token_index(self.tokenizer, caption, image_answer, key)
-        _, audio_index = word_token_index(self.tokenizer, caption, audio_answer, key)
+        _, audio_index = word_token_index(self.tokenizer, caption, audio_answer, key, ids)
         text = self.layout.build(ids, key, image_index, audio_index)
         return {"key": key, "pixels": self.pixels(image, key), "audio": features, **text}
 
@@ -249,15 +249,12 @@ def sample_format_for(path: Path, image_size: int, seq_length: int, num_image_to
     if tokenizer_model is None:
         tokenizer = WordTokenizer.load(path)
         reserved = image_token_id if audio is None else min(image_token_id, audio_token_id)
-        if audio is None and tokenizer.vocab_size > reserved:
-            raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words "
-                            f"but ids from {image_token_id} up are reserved (--vocab-size "
-                            f"{image_token_id + 1}): raise --vocab-size")
         if tokenizer.vocab_size > reserved:  # the words' ids must not be a placeholder's
+            why = (f"(--vocab-size {image_token_id + 1})" if audio is None else
+                   f"for the image and audio placeholders (--image-token-id {image_token_id}, "
+                   f"--audio-token-id {audio_token_id})")
             raise DataError(f"{Path(path) / 'tokenizer.json'} has {tokenizer.vocab_size} words "
-                            f"but ids from {reserved} up are reserved for the image and audio "
-                            f"placeholders (--image-token-id {image_token_id}, --audio-token-id "
-                            f"{audio_token_id}): raise --vocab-size")
+                            f"but ids from {reserved} up are reserved {why}: raise --vocab-size")
     else:
         from megatron_mimo.data.hf_tokenizer import HFTokenizer
 

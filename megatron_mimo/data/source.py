@@ -251,7 +251,7 @@ class EnergonSource(BranchData):
 def build_branch_data(cfg: MimoConfig, branch: str, dp_rank: int) -> BranchData:
     """This rank's data: Energon views with --data-path, mock samples without."""
     dp_size = cfg.parallel(branch).dp
-    audio = cfg.audio if AUDIO in cfg.branches else None
+    audio = cfg.audio_model
     common = {"branch": branch, "num_microbatches": cfg.num_microbatches,
               "global_batch_size": cfg.training.global_batch_size,
               "blank_images": cfg.data.blank_images, "blank_audio": cfg.data.blank_audio,
@@ -286,7 +286,7 @@ def build_energon_source(cfg: MimoConfig, branch: str, dp_rank: int,
 
     path = Path(cfg.data.data_path).resolve()
     check_dataset(path)
-    audio = cfg.audio if AUDIO in cfg.branches else None
+    audio = cfg.audio_model
     check_sample_kind(path, audio=audio is not None)
     # every branch's DP sizes: each DP rank of each branch reads its slice in bridge order
     assignment = assign_branch_views(cfg.job_micro_batch,

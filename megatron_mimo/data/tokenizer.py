@@ -228,18 +228,19 @@ class SequenceLayout:
 
 
 def word_token_index(tokenizer: CaptionTokenizer, caption: str, word_index: int,
-                     key: str = "?") -> tuple[list[int], int]:
+                     key: str = "?", ids: list[int] | None = None) -> tuple[list[int], int]:
     """The caption's ids and the index among them of the first token of its ``word_index``-th
     whitespace-separated word (an answer that is not the caption's last word).
 
     The caption up to that word is encoded on its own: its answer token is the one sought, and
     its ids must be a prefix of the whole caption's (a tokenizer that merges across the word's
-    end would make the position ambiguous: an error naming the sample)."""
+    end would make the position ambiguous: an error naming the sample). ``ids``: the whole
+    caption's ids, when the caller has them already."""
     words = list(re.finditer(r"\S+", caption))
     if not 0 <= word_index < len(words):
         raise DataError(f"sample {key}: answer word {word_index} of caption {caption!r} does not "
                         f"exist (the caption has {len(words)} words, counted from 0)")
-    ids = tokenizer.encode(caption, key)
+    ids = tokenizer.encode(caption, key) if ids is None else ids
     prefix, index = tokenizer.encode_with_answer(caption[:words[word_index].end()], key)
     if ids[:len(prefix)] != prefix:
         raise DataError(f"sample {key}: the tokenizer encodes caption {caption!r} up to word "

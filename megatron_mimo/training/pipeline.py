@@ -118,8 +118,10 @@ def make_forward_step(job, forward_only: bool) -> Callable:
     # fp16: the loss scale (1 otherwise; unscaled in prepare_grads), read once per global batch
     scale = 1.0 if forward_only else job.optimizer.get_loss_scale().item()
 
+    # an encoder rank's batch field and input builder, resolved once per global batch
+    field, build = encoder_inputs(job.branch) if job.branch != LANGUAGE else (None, None)
+
     def encoder_step(micro: Batch, model):
-        field, build = encoder_inputs(job.branch)
         media = micro[field].to(device, dtype)
         outputs, _ = model(input_ids=None, modality_inputs={job.branch: build(media)})
         # Float16Module returns fp32 on a last stage; the bridge carries the training dtype

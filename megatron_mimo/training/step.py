@@ -73,6 +73,6 @@ def evaluate(job: Job) -> EvalResult:
     finally:
         train_mode(job.model)  # frozen modules (--freeze-*) stay in eval mode
         job.timer.reset()
-    audio = totals.audio_correct / max(totals.answers, 1) if job.cfg.audio_parallel else None
+    audio = totals.audio_correct / max(totals.answers, 1) if job.cfg.audio_model else None
     return EvalResult(loss=totals.loss_sum / max(totals.num_tokens, 1),
                       accuracy=totals.correct / max(totals.answers, 1), audio_accuracy=audio)

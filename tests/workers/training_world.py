@@ -208,7 +208,7 @@ def _reference_encoders(cfg: MimoConfig, pgs) -> dict[str, tuple[torch.nn.Module
 
 def mock_audio(cfg: MimoConfig) -> dict[str, Any]:
     """The mock dataset's audio arguments of ``cfg`` (none without an audio branch)."""
-    return {"audio": cfg.audio} if AUDIO in cfg.branches else {}
+    return {"audio": cfg.audio_model}
 
 
 def reference(cfg: MimoConfig, iterations: int) -> list[ReferenceStep]:
