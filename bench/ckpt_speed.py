@@ -5,10 +5,13 @@
 
 ``--size production`` is the issue-13 model (hidden 1024, 8 layers, vocab 32000; ViT 768 x 6):
 a ~3.4 GB checkpoint over 4 ranks; without it the flags/preset decide (tiny_cpu: 4 MB).
-In one run: our sync saves and loads vs plain ``dcp.save``/``dcp.load`` of the same local tensors
-(main replicas) vs a raw sequential write of the same bytes with fsync (the physical floor);
-an async save's stall (time the loop is blocked) vs the sync save; the checksum cost; peak RSS
-growth during a load vs a training step; seconds per save phase on every rank. Rank 0 prints JSON.
+One warm-up round, then ``--rounds N`` (default 5) measured rounds; each round, in an order that
+alternates between rounds: our sync save and load (checksums on, verified at load) and plain
+``dcp.save``/``dcp.load`` of the same local tensors (main replicas); then the checksum cost and
+one async save while training goes on (time the loop is blocked). Rank 0 prints a table of every
+ratio per round with its median and spread, then JSON (per-round figures, medians, seconds per
+phase on every rank, peak RSS growth of a load vs a training step, and a raw sequential write
+of the same bytes with fsync: the disk's floor).
 ``--resume-time`` (no torchrun) then launches two short torchrun jobs, fresh and resumed, and
 reports process start -> first finished iteration for each.
 """
@@ -21,12 +24,17 @@ import sys
 import time
 from pathlib import Path
 
+from rounds import machine, print_table, summarize
+
 PRODUCTION = ["--hidden-size", "1024", "--num-layers", "8", "--ffn-hidden-size", "4096",
               "--num-attention-heads", "16", "--vocab-size", "32000", "--seq-length", "64",
               "--encoder-hidden-size", "768", "--encoder-num-layers", "6",
               "--encoder-ffn-hidden-size", "3072", "--encoder-num-attention-heads", "12"]
 """The production-like size of issue 13 (on top of tiny_cpu's layout)."""
-REPEATS = 3
+ROUNDS = 5
+"""Measured rounds after one warm-up round (``--rounds N``)."""
+TABLE = ("_s", "throughput", "_time", "_save")
+"""Figures shown in the printed table (times and ratios; the JSON has every figure)."""
 
 
 def expand(argv: list[str]) -> list[str]:
@@ -99,20 +107,16 @@ def raw_write(tensors: dict, path: Path) -> None:
         os.fsync(out.fileno())
 
 
-def plain_dcp(tensors: dict, root: Path) -> dict:
-    """Plain dcp.load into the same tensors (of the last plain save) and the raw write."""
+def raw_floor(tensors: dict, root: Path) -> dict:
+    """The raw sequential write of the same bytes, fsync'd (once, after the rounds)."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
-    from megatron_mimo.checkpoint.manager import directory_bytes
+    from megatron_mimo.checkpoint.storage import directory_bytes
 
-    directory = root / "plain_dcp"
-    load = timed(lambda: dcp.load(tensors, checkpoint_id=str(directory)))
     raw_dir = root / "raw"
     raw_dir.mkdir(exist_ok=True)
-    raw = timed(lambda: raw_write(tensors, raw_dir / f"rank{dist.get_rank()}.bin"))
-    return {"load_s": load, "bytes": directory_bytes(directory), "raw_write_fsync_s": raw,
-            "raw_bytes": directory_bytes(raw_dir)}
+    seconds = timed(lambda: raw_write(tensors, raw_dir / f"rank{dist.get_rank()}.bin"))
+    return {"raw_write_fsync_s": seconds, "raw_bytes": directory_bytes(raw_dir)}
 
 
 def async_stall(trainer) -> dict:
@@ -166,33 +170,83 @@ def phases(trainer, fn) -> list[dict]:
 
 
 def clear(trainer) -> None:
-    """Remove the last checkpoint (untimed) so a save is a new directory, as in training."""
+    """Remove every checkpoint of --save (untimed) so a save is a new directory, as in training,
+    and the rounds do not fill the disk."""
     import torch.distributed as dist
 
-    from megatron_mimo.checkpoint.storage import checkpoint_dir
-
     if dist.get_rank() == 0:
-        shutil.rmtree(checkpoint_dir(trainer.cfg.checkpoint.save, trainer.state.iteration),
-                      ignore_errors=True)
+        for old in Path(trainer.cfg.checkpoint.save).glob("iter_*"):
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-def sync_saves(trainer, tensors: dict, root: Path) -> tuple[list[float], list[dict], list[float]]:
-    """Ours and plain dcp.save alternately (so both meet the same page-cache and disk state),
-    each into a new directory."""
+def one_round(trainer, tensors: dict, root: Path, index: int) -> tuple[dict, dict]:
+    """Our save and load and plain DCP's, in an order that alternates between rounds (neither
+    always meets the warmer page cache), the checksum cost, then one async save while training
+    goes on. Returns the figures and the seconds per phase per rank."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    ours, split, plain = [], [], []
-    directory = root / "plain_dcp"
-    for _ in range(REPEATS):
+    from megatron_mimo.checkpoint.storage import checkpoint_dir, directory_bytes
+
+    got: dict = {}
+    split: dict = {}
+    plain = root / "plain_dcp"
+
+    def ours_save():
         clear(trainer)
-        split.append(phases(trainer, lambda: ours.append(timed(trainer.save))))
-        if dist.get_rank() == 0 and directory.exists():
-            shutil.rmtree(directory)
+        split["sync"] = phases(trainer, lambda: got.update(save_s=timed(trainer.save)))
+        got["bytes"] = directory_bytes(checkpoint_dir(root, trainer.state.iteration))
+
+    def plain_save():
+        if dist.get_rank() == 0 and plain.exists():
+            shutil.rmtree(plain)
         dist.barrier()
-        plain.append(timed(lambda: dcp.save(tensors, checkpoint_id=str(directory))))
-    return ours, split, plain
+        got["plain_dcp_save_s"] = timed(lambda: dcp.save(tensors, checkpoint_id=str(plain)))
+        got["plain_dcp_bytes"] = directory_bytes(plain)
+
+    def ours_load():
+        split["load"] = phases(trainer, lambda: got.update(load_s=timed(trainer.load)))
+
+    def plain_load():
+        got["plain_dcp_load_s"] = timed(lambda: dcp.load(tensors, checkpoint_id=str(plain)))
+
+    order = ((ours_save, plain_save, ours_load, plain_load) if index % 2 == 0
+             else (plain_save, ours_save, plain_load, ours_load))
+    for step in order:
+        step()
+    got["checksum_s"] = checksum_cost(trainer)
+    clear(trainer)
+    stall: dict = {}
+    split["async"] = phases(trainer, lambda: stall.update(async_stall(trainer)))
+    got.update(stall)
+    return {**got, **ratios(got)}, split
+
+
+def ratios(got: dict) -> dict:
+    """The targets' figures (higher is better for the first two, lower for the last two)."""
+    return {
+        "save_vs_plain_dcp_throughput": (got["bytes"] / got["save_s"])
+        / (got["plain_dcp_bytes"] / got["plain_dcp_save_s"]),
+        "load_vs_plain_dcp_time": got["plain_dcp_load_s"] / got["load_s"],
+        "async_stall_vs_sync_save": got["stall_s"] / got["save_s"],
+        "checksum_vs_save": got["checksum_s"] / got["save_s"],
+    }
+
+
+def memory_peaks(trainer) -> list[dict]:
+    """Peak RSS growth of a load vs a training step, per rank (resume memory spike: is the
+    state materialised twice?)."""
+    import torch.distributed as dist
+
+    from megatron_mimo.training.step import train_step
+
+    load_peak = peak_rss_growth(trainer.load)
+    step_peak = peak_rss_growth(lambda: train_step(trainer.job))
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,
+                                   "train_step_peak_growth_bytes": step_peak})
+    return peaks
 
 
 def measure(argv: list[str]) -> int:
@@ -202,55 +256,39 @@ def measure(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from megatron_mimo.config.cli import config_from_args
-    from megatron_mimo.training.step import train_step
     from megatron_mimo.training.trainer import started_trainer
 
+    rounds = ROUNDS
+    if "--rounds" in argv:
+        at = argv.index("--rounds")
+        rounds, argv = int(argv[at + 1]), argv[:at] + argv[at + 2:]
     cfg, _ = config_from_args(argv)
     root = Path(cfg.checkpoint.save)
     with started_trainer(cfg) as trainer:
         trainer.step()
         tensors = plain_tensors(trainer)
-        ours, split, plain_saves = sync_saves(trainer, tensors, root)
-        from megatron_mimo.checkpoint.manager import directory_bytes
-
-        ours_bytes = directory_bytes(root / f"iter_{trainer.state.iteration:07d}")
-        checksum = checksum_cost(trainer)
-        load = timed(trainer.load)
-        load_peak = peak_rss_growth(trainer.load)  # resume memory spike: state materialised twice?
-        step_peak = peak_rss_growth(lambda: train_step(trainer.job))
-        stall: dict = {}
-        peaks = [None] * dist.get_world_size()
-        dist.all_gather_object(peaks, {"rank": dist.get_rank(), "load_peak_growth_bytes": load_peak,
-                                       "train_step_peak_growth_bytes": step_peak})
-        clear(trainer)
-        async_split = phases(trainer, lambda: stall.update(async_stall(trainer)))
-        plain = {**plain_dcp(tensors, root), "save_s": plain_saves}
+        measured, splits = [], []
+        for index in range(rounds + 1):
+            figures, split = one_round(trainer, tensors, root, index)
+            if dist.get_rank() == 0:
+                print(f"round {index}{' (warm-up)' if index == 0 else ''}: "
+                      f"{json.dumps({k: round(v, 3) for k, v in figures.items()})}", flush=True)
+            if index:
+                measured.append(figures)
+                splits.append(split)
+        peaks = memory_peaks(trainer)
+        floor = raw_floor(tensors, root)
         if dist.get_rank() == 0:
-            print(json.dumps(report(cfg.name, ours, ours_bytes, load, checksum, stall, plain,
-                                    peaks, {"sync_last": split[-1], "async": async_split}),
-                             indent=1))
+            summary = summarize(measured)
+            print_table(measured, {k: v for k, v in summary.items() if k.endswith(TABLE)})
+            load_ratio = max(p["load_peak_growth_bytes"] / max(p["train_step_peak_growth_bytes"], 1)
+                             for p in peaks)
+            print(json.dumps({
+                "config": cfg.name, "argv": sys.argv[1:], "machine": machine(), "rounds": measured,
+                "summary": summary, **floor, "peak_rss_growth": peaks,
+                "load_vs_step_peak_rss_growth_max": load_ratio,
+                "seconds_per_phase_per_rank_last_round": splits[-1]}, indent=1))
     return 0
-
-
-def report(name, ours, ours_bytes, load, checksum, stall, plain, peaks, split) -> dict:
-    later = sum(ours[1:]) / (REPEATS - 1)
-    plain_later = sum(plain["save_s"][1:]) / (REPEATS - 1)
-    load_ratio = max(p["load_peak_growth_bytes"] / max(p["train_step_peak_growth_bytes"], 1)
-                     for p in peaks)
-    return {
-        "config": name, "argv": sys.argv[1:], "bytes": ours_bytes, "plain_dcp_bytes": plain["bytes"],
-        "save_s": ours, "plain_dcp_save_s": plain["save_s"], "load_s": load,
-        "plain_dcp_load_s": plain["load_s"], "raw_write_fsync_s": plain["raw_write_fsync_s"],
-        "save_vs_plain_dcp_time_ratio": plain_later / later,
-        "save_vs_plain_dcp_throughput_ratio": (ours_bytes / later) / (plain["bytes"] / plain_later),
-        "save_vs_raw_write_throughput_ratio":
-            (ours_bytes / later) / (plain["raw_bytes"] / plain["raw_write_fsync_s"]),
-        "load_vs_plain_dcp_time_ratio": plain["load_s"] / load,
-        "async": stall, "async_stall_vs_sync_save": stall["stall_s"] / later,
-        "checksum_s": checksum, "checksum_vs_save": checksum / later,
-        "peak_rss_growth": peaks, "load_vs_step_peak_rss_growth_max": load_ratio,
-        "seconds_per_phase_per_rank": split,
-    }
 
 
 def first_iteration(argv: list[str]) -> int:

@@ -27,12 +27,13 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rounds import machine, print_table, summarize
 
 SIZES = {
     "default": {"vision": (1024, 4096, 24, 16), "text": (2048, 5504, 6, 16, 8)},
@@ -317,33 +318,6 @@ def one_round(src: Path, work: Path, model_bytes: int, largest: int, index: int)
     }
 
 
-def summarize(rounds: list[dict]) -> dict:
-    """Median and min-max spread of every figure over the measured rounds."""
-    keys = [k for k in rounds[0] if k != "verified_tensors"]
-    return {k: {"median": statistics.median(r[k] for r in rounds),
-                "min": min(r[k] for r in rounds), "max": max(r[k] for r in rounds)} for k in keys}
-
-
-def print_table(rounds: list[dict], summary: dict) -> None:
-    """One row per figure: each round, the median and the spread."""
-    head = " | ".join(f"r{i + 1}" for i in range(len(rounds)))
-    print(f"| figure | {head} | median | spread |")
-    print("|---|" + "---|" * (len(rounds) + 2))
-    for key, stats in summary.items():
-        values = " | ".join(f"{r[key]:.2f}" for r in rounds)
-        print(f"| {key} | {values} | **{stats['median']:.2f}** | "
-              f"{stats['min']:.2f}-{stats['max']:.2f} |")
-
-
-def machine() -> dict:
-    """What the figures were measured on (the load average says how busy it was)."""
-    import platform
-
-    mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
-    return {"cpus": os.cpu_count(), "mem_gb": int(mem) / 1e6, "python": platform.python_version(),
-            "loadavg": os.getloadavg()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
@@ -369,7 +343,7 @@ def main() -> int:
                   f"{json.dumps({k: round(v, 3) for k, v in result.items() if v})}", flush=True)
             rounds.append(result)
     measured = rounds[1:]
-    summary = summarize(measured)
+    summary = summarize(measured, skip=("verified_tensors",))
     print_table(measured, summary)
     report = {"size": args.size, "shards": args.shards, "model_bytes": model_bytes,
               "largest_file_bytes": max(files), "verified_tensors": rounds[0]["verified_tensors"],

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 from ckpt_speed import peak_rss_growth  # bench/ is the script directory
 
-from megatron_mimo.checkpoint.manager import directory_bytes
+from megatron_mimo.checkpoint.storage import directory_bytes
 from megatron_mimo.config.cli import apply_overrides, config_from_args
 from megatron_mimo.distributed.runtime import destroy_distributed, init_distributed
 from megatron_mimo.metrics.log import quiet_third_party, setup_logging

@@ -252,3 +252,8 @@ def describe_write_failure(error: BaseException, root: str | Path, iteration: in
                 f"removed at the next start")
     detail = " ".join(f"{type(error).__name__}: {error}".split())[:300]
     return f"cannot save the checkpoint of iteration {iteration} to {root} ({detail}); {after}"
+
+
+def directory_bytes(path: Path) -> int:
+    """Total size of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
