@@ -30,6 +30,11 @@ from megatron_mimo.checkpoint import integrity
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+WRITER_NICENESS = 10
+"""How much lower the writer's CPU priority is than its rank's. The training ranks and the
+writers share the cores; a rank still starting its own save, or stepping while the shards are
+written, must not wait for a writer (on 2 cores with 4 ranks, equal priority let the writers
+double one rank's share of the stall)."""
 
 
 def async_strategy() -> str:
@@ -54,6 +59,7 @@ def write_and_hash(write: Callable[..., None], directory: str, iteration: int, p
                    **kwargs: Any) -> None:
     """megatron-core's write function, then the checksums of the files it wrote (page cache)."""
     _die_with_parent(parent_pid)
+    os.nice(WRITER_NICENESS)
     failpoints.hit("checkpoint.writer_start", rank=rank, iteration=iteration)
     write(rank, write_buckets, results_queue, *args, **kwargs)
     try:

@@ -78,7 +78,8 @@ class CheckpointManager:
         """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
         self.seconds: dict[str, float] = collections.defaultdict(float)
         """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
-        inside save/poll/wait; 'state', 'plan', 'write', 'publish' split the saves."""
+        inside save/poll/wait; 'state', 'plan', 'write', 'start', 'poll', 'publish', 'barrier',
+        'gather' split the saves, 'load.*' the loads."""
         self.last_fingerprint: str | None = None
         self.loaded_from: CheckpointConfig | None = None
         """Flags of the last load (--pretrained-checkpoint's has --finetune on)."""
@@ -94,7 +95,8 @@ class CheckpointManager:
 
     def _barrier(self, what: str) -> None:
         try:
-            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
+            with self._timed("barrier"):
+                dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
         except RuntimeError as error:
             raise CheckpointError(f"{what}: not every rank arrived within "
                                   f"{self.ckpt.ckpt_timeout_s} s ({error})") from error
@@ -103,19 +105,12 @@ class CheckpointManager:
         """All-gather a small Python value over the checkpoint group (bounded in time)."""
         self._barrier(what)
         values: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(values, value, group=self.group)
+        with self._timed("gather"):
+            dist.all_gather_object(values, value, group=self.group)
         return values
 
-    def _agree(self, what: str, value: Any) -> Any:
-        values = self._exchange(what, value)
-        if any(v != values[0] for v in values):
-            by_rank = {rank: v for rank, v in enumerate(values)}
-            raise CheckpointError(f"{what}: ranks disagree: {by_rank}")
-        return values[0]
-
     def close(self, abort: bool = False) -> None:
-        """Finish the pending save (or, after a failure, kill its writers: nothing is
-        published), then destroy the checkpoint process group."""
+        """Finish the pending save (after a failure: kill its writers), drop the group."""
         if self.background is not None:
             if abort:
                 self.background.abort()
@@ -140,18 +135,15 @@ class CheckpointManager:
         start = time.perf_counter()
         root = Path(self.ckpt.save)
         contents = Contents.to_save(self.ckpt)
-        self._agree("checkpoint save: iteration and optimizer sharding",
-                    (iteration, contents.sharding_type))
         with self._timed("state"):
             sharded = sharded_state(self.pieces, self.topology, contents, saving=True)
-        first_of_structure = self._track_structure(sharded)
+        if dist.get_rank() == 0:  # before the exchange, which every other rank waits in
+            storage.prepare_staging(root, iteration)
+        first_of_structure = self._track_structure(sharded, (iteration, contents.sharding_type))
         manifest = manifest_for(iteration, self.topology, contents, self.last_fingerprint,
                                 self.config, self.precision, summary(self.pieces))
         sharded["manifest"] = manifest
         sharded["config"] = self.config
-        if dist.get_rank() == 0:
-            storage.prepare_staging(root, iteration)
-        self._barrier("checkpoint save: staging directory")
         staging = storage.staging_dir(root, iteration)
         sharded_part, common = save_preprocess(sharded, validate_access_integrity=first_of_structure)
         views_saved_without_copy(sharded_part)
@@ -166,17 +158,24 @@ class CheckpointManager:
             with self._timed("write"):  # and megatron's finalisation and our publish
                 self._finish(iteration, request.execute_sync)
         else:
-            self.background.start(request)
+            with self._timed("start"):  # the fork of the writer
+                self.background.start(request)
             self.pending_iteration = iteration
             failpoints.hit("checkpoint.write_in_flight", rank=dist.get_rank(), iteration=iteration)
         return storage.checkpoint_dir(root, iteration)
 
-    def _track_structure(self, sharded: dict[str, Any]) -> bool:
-        """Fingerprint the world's sharded key set; True when it is new (first save, or changed:
-        then the cached save plan is dropped and the access pattern validated again)."""
+    def _track_structure(self, sharded: dict[str, Any], agreed: tuple) -> bool:
+        """The one exchange before a save: the world agrees on ``agreed`` (iteration, optimizer
+        sharding), learns that rank 0 made the staging directory, and fingerprints its sharded
+        key set; True when the set is new (first save, or changed: then the cached save plan
+        is dropped and the access pattern validated again)."""
         mine = hashlib.sha256("\n".join(sharded_keys(sharded)).encode()).hexdigest()
-        all_ranks = self._exchange("checkpoint save: sharded key set", mine)
-        fingerprint = hashlib.sha256("\n".join(all_ranks).encode()).hexdigest()
+        values = self._exchange("checkpoint save: iteration and key set", (agreed, mine))
+        if any(v[0] != values[0][0] for v in values):
+            by_rank = {rank: v[0] for rank, v in enumerate(values)}
+            raise CheckpointError(f"checkpoint save: iteration and optimizer sharding: ranks "
+                                  f"disagree: {by_rank}")
+        fingerprint = hashlib.sha256("\n".join(v[1] for v in values).encode()).hexdigest()
         changed = self.last_fingerprint not in (None, fingerprint)
         if changed:
             logger.warning("sharded structure changed since the last save: dropping the cached save plan")
@@ -211,7 +210,7 @@ class CheckpointManager:
         self.pending_iteration = None
         if dist.get_rank() == 0:
             logger.info("saved checkpoint %s in %.2f s (%d bytes)", final, self.last_save_seconds,
-                        directory_bytes(final))
+                        storage.directory_bytes(final))
 
     def _write_and_publish(self, root: Path, iteration: int, common: dict,
                            manifest: dict[str, Any]) -> None:
@@ -245,7 +244,7 @@ class CheckpointManager:
         """Publish the pending async save if every rank finished writing (call every iteration
         on every rank: one small all-reduce while a save is pending, nothing otherwise)."""
         if self.background is not None and self.background.pending:
-            with self._timed("blocked"):
+            with self._timed("blocked"), self._timed("poll"):
                 self._finish(self.pending_iteration, self.background.poll)
 
     def wait(self) -> None:
@@ -295,22 +294,27 @@ class CheckpointManager:
         if not storage.is_complete(directory):
             raise CheckpointError(f"{directory} is missing or incomplete (no metadata.json or "
                                   f"{storage.MANIFEST_FILENAME})")
-        manifest = storage.read_manifest(directory)
-        self._check_manifest(manifest, directory)
-        storage.check_files(directory)
+        with self._timed("load.check"):
+            manifest = storage.read_manifest(directory)
+            self._check_manifest(manifest, directory)
+            storage.check_files(directory)
         if not self.ckpt.no_ckpt_verify:
-            self._verify(directory, manifest)
-        contents = Contents.to_load(ckpt, manifest, self.topology, self.precision)
-        check_trainable(manifest, frozen_modules(self.config), contents.optimizer)
-        template = sharded_state(self.pieces, self.topology, contents, saving=False)
+            with self._timed("load.verify"):
+                self._verify(directory, manifest)
+        with self._timed("load.plan"):
+            contents = Contents.to_load(ckpt, manifest, self.topology, self.precision)
+            check_trainable(manifest, frozen_modules(self.config), contents.optimizer)
+            template = sharded_state(self.pieces, self.topology, contents, saving=False)
         try:
-            loaded = dist_checkpointing.load(template, str(directory),
-                                             sharded_strategy=TorchDistLoadShardedStrategy(),
-                                             validate_access_integrity=True)
+            with self._timed("load.read"):
+                loaded = dist_checkpointing.load(template, str(directory),
+                                                 sharded_strategy=TorchDistLoadShardedStrategy(),
+                                                 validate_access_integrity=True)
         except Exception as error:  # noqa: BLE001 - any failure here is a bad checkpoint
             raise CheckpointError(f"{directory}: cannot load ({type(error).__name__}: "
                                   f"{str(error)[:200]})") from error
-        apply_loaded(self.pieces, loaded, contents, self.topology.my_branch)
+        with self._timed("load.apply"):
+            apply_loaded(self.pieces, loaded, contents, self.topology.my_branch)
         self.loaded_optimizer_meta = optimizer_meta(loaded.get("optimizer", {}))
         self._barrier("checkpoint load: done")
         self.last_load_seconds = time.perf_counter() - start
@@ -393,8 +397,3 @@ def optimizer_meta(optimizer_sd: dict) -> dict[str, Any]:
         meta[branch] = {"param_groups": groups,
                         "param_state_sharding_type": module_sd.get("param_state_sharding_type")}
     return meta
-
-
-def directory_bytes(path: Path) -> int:
-    """Total size of the files under ``path``."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
