@@ -80,10 +80,17 @@ def _by_world_size(mode: str, root: Path, extra, more: dict[str, tuple[int, dict
     return out
 
 
+REPEATED = "repeated_async_saves"
+"""The run that saves in the background again and again (memory must not grow), in the
+two-rank save world."""
+
+
 def save_all(root: Path) -> dict[str, list[Saved]]:
-    """Every case's straight run and its run until the save at N, per rank."""
+    """Every case's straight run and its run until the save at N, per rank; and REPEATED."""
+    repeated = {"mode": REPEATED, "root": str(root / REPEATED)}
     return _by_world_size("straight_and_saved", root, lambda name: {
-        "inject_overflow_at": OVERFLOW_AT if name.startswith("fp16") else None})
+        "inject_overflow_at": OVERFLOW_AT if name.startswith("fp16") else None},
+        more={REPEATED: (2, repeated)})
 
 
 def resume_all(root: Path) -> dict[str, list[Resumed | Probed | Flags]]:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.resume_worlds import AV, AV_DP, CASES, NEMOTRON, PP2, A, B
+from tests.resume_worlds import AV, AV_DP, CASES, NEMOTRON, PP2, REPEATED, A, B
+from tests.workers.async_memory import SAVES
 from tests.workers.ckpt_layouts import TWO_RANKS, N
 from tests.workers.ckpt_world import EXACT_KEYS
 
@@ -15,6 +16,10 @@ pytestmark = pytest.mark.dist
 RANKS = {name: ranks for name, (_, ranks, _) in CASES.items()
          if name in (A, B, TWO_RANKS, NEMOTRON, PP2, AV)}
 """The layouts (fp32); test_precision checks the bf16 / fp16 cases of the same worlds."""
+OBJECT_SLACK = 100
+"""Python objects a later async save may add (measured: 0; one save's state dict is thousands)."""
+RSS_SLACK = 16 << 20
+"""RSS growth allowed from the second save to the last (measured 1-3 MB: the allocator)."""
 
 
 @pytest.mark.parametrize("layout", list(RANKS))
@@ -176,6 +181,17 @@ def test_async_save_pending_at_exit_interval_is_published_before_exit(root, save
     assert (root / layout / "latest_checkpointed_iteration.txt").read_text().strip() == str(N)
 
 
+def test_memory_does_not_grow_over_repeated_async_saves(saved):
+    # 5 async saves, training on while each is written: after the first is published, every
+    # later one leaves the process holding the same tensors and Python objects (no state copy,
+    # request or plan kept per save), megatron's queue empty and no writer alive
+    for held in saved[REPEATED]:
+        assert held.pending == [0] * SAVES and held.helpers == [0] * SAVES, held
+        assert len(set(held.tensor_bytes)) == 1, held.tensor_bytes
+        assert held.objects[-1] - held.objects[1] <= OBJECT_SLACK, held.objects
+        assert held.rss[-1] - held.rss[1] <= RSS_SLACK, held.rss
+
+
 def test_sync_save_never_waits(saved):
     assert all(rank.finished_by_wait == [] for rank in saved[A])
 
@@ -183,7 +199,8 @@ def test_sync_save_never_waits(saved):
 def test_save_starts_no_helper_process(saved):
     # megatron-core's first save would spawn a multiprocessing Manager (~13 s here); an async
     # save's forked writer is joined once the save is published
-    assert all(not rank.helper_processes_after_save for layout in saved.values() for rank in layout)
+    assert all(not rank.helper_processes_after_save for name, layout in saved.items()
+               if name != REPEATED for rank in layout)
 
 
 def test_checkpoint_layout_on_disk(root, saved):

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mimo.config import IMAGES, MimoConfig
+from tests.workers.async_memory import mode_repeated_async_saves
 from tests.workers.ckpt_layouts import TWO_RANKS, N, make_cfg
 from tests.workers.common import forbid_parallel_state_groups, worker_main
 
@@ -368,7 +369,7 @@ def mode_flags(args: dict) -> Flags:
 
 
 MODES = {"straight_and_saved": mode_straight_and_saved, "resumed": mode_resumed,
-         "flags": mode_flags}
+         "flags": mode_flags, "repeated_async_saves": mode_repeated_async_saves}
 
 
 def body(args: dict) -> Any:
