@@ -1,5 +1,7 @@
 # megatron-mimo: `make train` runs the main job, `make test` runs the test suite.
-# Both create .venv (Python >= 3.12) on first use; later calls reuse it (stamp file).
+# Both create .venv (Python >= 3.12) on first use; later calls reuse it (stamp file). The install
+# goes through uv (installed from PyPI into the venv: unpacks torch in seconds, pip takes
+# minutes); where uv cannot install (an offline mirror only pip is configured for), through pip.
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -22,9 +24,14 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 	  echo "creating $(VENV) with $$PYBIN"; \
 	  "$$PYBIN" -m venv $(VENV); \
 	fi; \
-	echo "installing megatron-mimo and its test deps into $(VENV) (first time: a few minutes)"; \
-	$(PY) -m pip install --disable-pip-version-check -e '.[test,dev]' > $(VENV)/pip.log 2>&1 \
-	  || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }; \
+	echo "installing megatron-mimo and its test deps into $(VENV) (first time: a minute or more)"; \
+	if $(PY) -m pip install --disable-pip-version-check -q uv > $(VENV)/pip.log 2>&1 \
+	   && $(VENV)/bin/uv pip install --python $(PY) -e '.[test,dev]' >> $(VENV)/pip.log 2>&1; then :; \
+	else \
+	  echo "uv could not install (see $(VENV)/pip.log); installing with pip"; \
+	  $(PY) -m pip install --disable-pip-version-check -e '.[test,dev]' >> $(VENV)/pip.log 2>&1 \
+	    || { tail -40 $(VENV)/pip.log; echo "pip install failed; full log: $(VENV)/pip.log"; exit 1; }; \
+	fi; \
 	$(PY) -c "import torch, megatron.core, megatron_mimo" >> $(VENV)/pip.log 2>&1 \
 	  || { tail -20 $(VENV)/pip.log; echo "import check failed; full log: $(VENV)/pip.log"; exit 1; }; \
 	touch $(STAMP)
