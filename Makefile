@@ -1,7 +1,8 @@
 # megatron-mimo: `make train` runs the main job, `make test` runs the test suite.
 # Both create .venv (Python >= 3.12) on first use; later calls reuse it (stamp file). The install
 # goes through uv (installed from PyPI into the venv: unpacks torch in seconds, pip takes
-# minutes); where uv cannot install (an offline mirror only pip is configured for), through pip.
+# minutes; --compile-bytecode as pip does, or the first imports compile megatron-core and print its
+# SyntaxWarnings); where uv cannot install (an offline mirror only pip is configured for), pip.
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 	fi; \
 	echo "installing megatron-mimo and its test deps into $(VENV) (first time: a minute or more)"; \
 	if $(PY) -m pip install --disable-pip-version-check -q uv > $(VENV)/pip.log 2>&1 \
-	   && $(VENV)/bin/uv pip install --python $(PY) -e '.[test,dev]' >> $(VENV)/pip.log 2>&1; then :; \
+	   && $(VENV)/bin/uv pip install --compile-bytecode --python $(PY) -e '.[test,dev]' >> $(VENV)/pip.log 2>&1; then :; \
 	else \
 	  echo "uv could not install (see $(VENV)/pip.log); installing with pip"; \
 	  $(PY) -m pip install --disable-pip-version-check -e '.[test,dev]' >> $(VENV)/pip.log 2>&1 \
