@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -171,11 +172,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run every check on the CPU, GPU packages hidden, the local spec "
                              "standing in for the GPU build: tests this script, not Transformer "
                              "Engine or mamba-ssm")
-    parser.add_argument("--only", metavar="TEXT", default="",
-                        help="run only the checks whose name contains TEXT (e.g. parity/)")
+    parser.add_argument("--only", metavar="PATTERN", type=_pattern, default=re.compile(""),
+                        help="run only the checks whose name matches the regular expression "
+                             "PATTERN anywhere (e.g. parity/, or 'parity/|/gpt$')")
     parser.add_argument("--keep", action="store_true",
                         help="keep the scratch directory (checkpoints, log) even when all passed")
     return parser.parse_args(argv)
+
+
+def _pattern(text: str) -> re.Pattern:
+    """--only's value; a bad expression is argparse's one-line usage error."""
+    try:
+        return re.compile(text)
+    except re.error as error:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({error})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = scratch / "gpu-check.log"
     with output_to(log) as real_stdout:
         env = probe(args.rehearse_on_cpu)
-        checks = [check for check in all_checks() if args.only in check.name]
+        checks = [check for check in all_checks() if args.only.search(check.name)]
         results = run_checks(checks, env, args.rehearse_on_cpu, scratch, log,
                              partial(_emit, real_stdout))
     failed = any(r.status == FAIL for r in results)

@@ -58,15 +58,22 @@ def test_without_a_gpu_every_check_is_skipped_and_the_exit_code_is_0():
     assert set(results.values()) == {("SKIP", "no GPU")}
 
 
+REHEARSED = r"^(parity|bf16-step)/|/(gpt|vit|tiny_cpu)$"
+"""Every kind of check, every in-process one; of the torchrun ones (a CPU save and a 2-rank
+--finetune, ~9 s each) only tiny_cpu's: tiny_cpu_nemotron's run the same code on another preset
+(``make gpu-check ARGS=--rehearse-on-cpu`` rehearses all twelve)."""
+
+
 @pytest.mark.slow
 @pytest.mark.dist
-def test_rehearsal_on_the_cpu_passes_every_check():
-    proc = run_gpu_check("--rehearse-on-cpu", timeout=1200)
+def test_rehearsal_on_the_cpu_passes_every_kind_of_check():
+    proc = run_gpu_check("--rehearse-on-cpu", "--only", REHEARSED, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = parsed(proc.stdout)
-    assert list(results) == NAMES
+    assert list(results) == [name for name in NAMES if re.search(REHEARSED, name)]
+    assert {name.split("/")[0] for name in results} == {name.split("/")[0] for name in NAMES}
     assert {status for status, _ in results.values()} == {PASS}, proc.stdout
-    for name in NAMES:  # local vs local on the CPU: the same numbers
+    for name in results:  # local vs local on the CPU: the same numbers
         if name.startswith(("parity/", "finetune-load/")):
             assert "max|diff|/max|ref| 0.00e+00" in results[name][1], results[name]
 
