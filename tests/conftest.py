@@ -27,3 +27,18 @@ def digits_av_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits-av") / "ds"
     assert prepare_digits(root, audio=True) == {"train": 1500, "val": 297}
     return root
+
+
+SHARED_WORLDS = {"tests/distributed/test_precision.py": "tests/distributed/test_checkpoint_resume.py"}
+"""Modules that share a session fixture's worlds (tests/resume_worlds.py) run on one worker."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each module is one group, so
+    its module-scoped worlds start once; modules that spawn worlds are handed out first, so the
+    one-core unit tests fill the other worker at the end instead of leaving it idle."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORLDS.get(module, module)))
+    items.sort(key=lambda item: item.get_closest_marker("dist") is None)
