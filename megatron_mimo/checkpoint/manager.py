@@ -145,8 +145,10 @@ class CheckpointManager:
         sharded["manifest"] = manifest
         sharded["config"] = self.config
         staging = storage.staging_dir(root, iteration)
-        sharded_part, common = save_preprocess(sharded, validate_access_integrity=first_of_structure)
-        views_saved_without_copy(sharded_part)
+        with self._timed("prepare"):
+            sharded_part, common = save_preprocess(sharded,
+                                                   validate_access_integrity=first_of_structure)
+            views_saved_without_copy(sharded_part)
         with self._results_queue(), self._timed("plan"):
             request = dist_checkpointing.save(
                 sharded_part, str(staging), sharded_strategy=self.save_strategy,
@@ -169,7 +171,8 @@ class CheckpointManager:
         sharding), learns that rank 0 made the staging directory, and fingerprints its sharded
         key set; True when the set is new (first save, or changed: then the cached save plan
         is dropped and the access pattern validated again)."""
-        mine = hashlib.sha256("\n".join(sharded_keys(sharded)).encode()).hexdigest()
+        with self._timed("keys"):
+            mine = hashlib.sha256("\n".join(sharded_keys(sharded)).encode()).hexdigest()
         values = self._exchange("checkpoint save: iteration and key set", (agreed, mine))
         if any(v[0] != values[0][0] for v in values):
             by_rank = {rank: v[0] for rank, v in enumerate(values)}
