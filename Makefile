@@ -14,7 +14,7 @@ DATA      ?= $(if $(filter tiny_cpu_av,$(CONFIG)),data/digits-av,data/digits)
 ARGS      ?=
 PYTEST_ARGS ?=
 # make test runs two pytest workers (a spawned world leaves a core idle while it starts and
-# waits; unit tests use one core): each test module stays on one worker (tests/conftest.py).
+# waits; unit tests use one core): each test module runs on one worker (tests/conftest.py).
 # TEST_WORKERS=0: one process, as plain pytest.
 TEST_WORKERS ?= 2
 
@@ -58,7 +58,7 @@ train: $(STAMP) $(DATA)/.nv-meta/dataset.yaml \
 	  examples/pretrain_hetero_mimo.py --config $(CONFIG) --data-path $(DATA) $(ARGS)
 
 test: $(STAMP)
-	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	TORCHDYNAMO_DISABLE=1 $(PY) -m pytest -q -m "not dist and not slow" $(PYTEST_ARGS)

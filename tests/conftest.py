@@ -30,15 +30,31 @@ def digits_av_dataset(tmp_path_factory) -> Path:
 
 
 SHARED_WORLDS = {"tests/distributed/test_precision.py": "tests/distributed/test_checkpoint_resume.py"}
-"""Modules that share a session fixture's worlds (tests/resume_worlds.py) run on one worker."""
+"""Modules that share a session fixture's worlds (tests/resume_worlds.py): one group."""
 
 
-@pytest.hookimpl(tryfirst=True)
+class ModuleScheduling:
+    """Under pytest-xdist (``make test`` runs ``-n 2``) each test module goes to one worker as a
+    whole, so its module-scoped worlds start once (xdist's ``--dist loadgroup`` ignores marks
+    added at collection with pytest 9 here; its ``loadfile`` would split SHARED_WORLDS)."""
+
+    def pytest_xdist_make_scheduler(self, config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::")[0]
+                return SHARED_WORLDS.get(module, module)
+
+        return Scheduling(config, log)
+
+
+def pytest_configure(config):
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(ModuleScheduling(), "module-scheduling")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``make test``: ``-n 2 --dist loadgroup``) each module is one group, so
-    its module-scoped worlds start once; modules that spawn worlds are handed out first, so the
-    one-core unit tests fill the other worker at the end instead of leaving it idle."""
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORLDS.get(module, module)))
+    """Modules that spawn worlds first: xdist hands modules out in this order, so the one-core
+    unit tests fill the other worker at the end instead of leaving it idle."""
     items.sort(key=lambda item: item.get_closest_marker("dist") is None)
