@@ -47,7 +47,7 @@ from megatron_mimo.checkpoint.contents import (
 )
 from megatron_mimo.checkpoint.storage import describe_write_failure
 from megatron_mimo.compat import apply_process_workarounds
-from megatron_mimo.compat.mcore import results_queue_across_fork, views_saved_without_copy
+from megatron_mimo.compat.mcore import views_saved_without_copy
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.errors import CheckpointError
@@ -72,14 +72,14 @@ class CheckpointManager:
         self.timeout = datetime.timedelta(seconds=self.ckpt.ckpt_timeout_s)
         self.group = dist.new_group(backend="gloo", timeout=self.timeout)
         self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
-        self.background = BackgroundSaves() if ckpt.async_save else None
+        self.background = BackgroundSaves(self.group) if ckpt.async_save else None
         self.pending_iteration: int | None = None
         self.finished_by_wait: list[int] = []
         """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
         self.seconds: dict[str, float] = collections.defaultdict(float)
         """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
-        inside save/poll/wait; 'state', 'plan', 'write', 'start', 'poll', 'publish', 'barrier',
-        'gather' split the saves, 'load.*' the loads."""
+        inside save/poll/wait; 'state', 'keys', 'prepare', 'plan', 'write', 'stage', 'poll',
+        'publish', 'barrier', 'gather' split the saves, 'load.*' the loads."""
         self.last_fingerprint: str | None = None
         self.loaded_from: CheckpointConfig | None = None
         """Flags of the last load (--pretrained-checkpoint's has --finetune on)."""
@@ -149,18 +149,17 @@ class CheckpointManager:
             sharded_part, common = save_preprocess(sharded,
                                                    validate_access_integrity=first_of_structure)
             views_saved_without_copy(sharded_part)
-        with self._results_queue(), self._timed("plan"):
+        with self._timed("plan"):
             request = dist_checkpointing.save(
                 sharded_part, str(staging), sharded_strategy=self.save_strategy,
-                validate_access_integrity=False, async_sharded_save=True,
-                async_strategy=self.background.strategy if self.background else "mcore")
+                validate_access_integrity=False, async_sharded_save=True, async_strategy="mcore")
         request = with_checksums(request, staging, iteration)
         request.add_finalize_fn(partial(self._publish, iteration, common, manifest, start))
         if self.background is None:
             with self._timed("write"):  # and megatron's finalisation and our publish
                 self._finish(iteration, request.execute_sync)
         else:
-            with self._timed("start"):  # the fork of the writer
+            with self._timed("stage"):  # the copy the writer thread writes from
                 self.background.start(request)
             self.pending_iteration = iteration
             failpoints.hit("checkpoint.write_in_flight", rank=dist.get_rank(), iteration=iteration)
@@ -186,10 +185,6 @@ class CheckpointManager:
         new = self.last_fingerprint != fingerprint
         self.last_fingerprint = fingerprint
         return new
-
-    def _results_queue(self):
-        return (results_queue_across_fork() if self.background and self.background.strategy == "mcore"
-                else contextlib.nullcontext())
 
     def _publish(self, iteration: int, common: dict, manifest: dict[str, Any], start: float) -> None:
         """Last finalisation step, after every rank's shards and megatron's metadata are written:

@@ -11,11 +11,8 @@ test that fails without it (``tests/distributed/test_workarounds_needed.py``,
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
 import queue
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,32 +32,13 @@ def _save_queue_missing() -> bool:
             remove_when="filesystem_async creates its results queue without a Manager process",
             process=True, needed=_save_queue_missing)
 def in_process_save_queue() -> None:
-    """A synchronous torch_dist save collects its write results through
-    ``get_write_results_queue``, which on first use starts a *spawn*-context multiprocessing
+    """A torch_dist save (sync, or async in a writer thread of this process) collects its write
+    results through ``get_write_results_queue``, which on first use starts a *spawn*-context multiprocessing
     Manager: a new Python process that re-imports ``__main__`` (torch + megatron, seconds), for a
     queue the same process fills and drains. A plain queue does the job."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     filesystem_async._results_queue = queue.Queue()
-
-
-@workaround(trigger="an async torch_dist save on megatron-core's strategy (forked writer)",
-            remove_when="in_process_save_queue is retired")
-@contextmanager
-def results_queue_across_fork() -> Iterator[None]:
-    """An async save on megatron-core's own strategy writes in a *forked* process that reports
-    its write results through the module's results queue; the in-process queue above would stay
-    empty in the parent ("results_queue should not be empty" at finalisation). The writer of
-    this one save gets a fork-inherited pipe queue instead (no helper process, unlike the
-    spawn-context Manager megatron-core would start)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = filesystem_async._results_queue
-    filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
-    try:
-        yield
-    finally:
-        filesystem_async._results_queue = previous
 
 
 def _is_view_on_cpu(tensor: Any) -> bool:
@@ -77,7 +55,7 @@ def views_saved_without_copy(sharded: dict) -> int:
     bytes; return how many. megatron-core's writer clones such views before writing (so that
     ``torch.save`` does not write the whole buffer), which costs a copy of the model inside the
     training loop — for an async save the whole stall. The alias shares the memory, so the
-    bytes written are the same; the forked writer sees them as they were at the fork."""
+    bytes written are the same; an async save's staging copy is then the only copy."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 

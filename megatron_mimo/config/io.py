@@ -39,8 +39,8 @@ class CheckpointConfig:
     ckpt_timeout_s: int = 300
     """Bound on every checkpoint collective: a rank missing for this long becomes an error naming it."""
     async_save: bool = False
-    """Write checkpoint shards in a background process while training continues; the checkpoint
-    is published once every rank has finished writing."""
+    """Write checkpoint shards from a staged copy in a background thread while training
+    continues; the checkpoint is published once every rank has finished writing."""
     no_ckpt_verify: bool = False
     """Skip checking every file's checksum before a load (the file-size checks still run)."""
     ckpt_keep_last: int | None = None

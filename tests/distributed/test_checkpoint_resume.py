@@ -192,13 +192,21 @@ def test_memory_does_not_grow_over_repeated_async_saves(saved):
         assert held.rss[-1] - held.rss[1] <= RSS_SLACK, held.rss
 
 
+def test_async_save_writes_the_state_at_the_save_while_training_goes_on(saved):
+    # the loop stepped while each (held back) writer ran, and the last checkpoint still loads
+    # the main parameters of its iteration: the writer wrote a snapshot, not live tensors
+    for held in saved[REPEATED]:
+        assert min(held.steps_during_write) >= 1, held.steps_during_write
+        assert held.loads_as_saved
+
+
 def test_sync_save_never_waits(saved):
     assert all(rank.finished_by_wait == [] for rank in saved[A])
 
 
 def test_save_starts_no_helper_process(saved):
     # megatron-core's first save would spawn a multiprocessing Manager (~13 s here); an async
-    # save's forked writer is joined once the save is published
+    # save's writer is a thread of the rank
     assert all(not rank.helper_processes_after_save for name, layout in saved.items()
                if name != REPEATED for rank in layout)
 

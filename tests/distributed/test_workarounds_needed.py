@@ -38,13 +38,6 @@ def test_calls_work_with_workarounds(report):
     assert after["save_queue"].value == "Queue"  # in-process, no helper process
 
 
-def test_async_save_needs_a_results_queue_across_fork(report):
-    # the in-process queue (in_process_save_queue) never sees the forked writer's results
-    without = report.async_save_without_fork_queue
-    assert not without.ok and "results_queue should" in without.error, without
-    assert report.after["async_save_across_fork"] == Attempt(ok=True, value=".metadata")
-
-
 def test_views_are_saved_without_a_copy_in_the_training_loop(report):
     # without the alias megatron-core's writer clones every view (all DDP weights) in the loop
     assert report.view_in_place_without_alias == Attempt(ok=True, value=False)

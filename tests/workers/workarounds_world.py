@@ -35,7 +35,6 @@ class Report:
     before: dict[str, Attempt]
     after: dict[str, Attempt]
     view_in_place_without_alias: Attempt
-    async_save_without_fork_queue: Attempt
     applied: list[str]
     """Process workarounds applied in this process."""
     expected: list[str]
@@ -119,31 +118,6 @@ def _checks():
             "hybrid_final_norm": hybrid_final_norm}
 
 
-def _async_save(across_fork: bool) -> str:
-    """One async torch_dist save through megatron-core's AsyncCallsQueue (a forked writer)."""
-    import contextlib
-    import tempfile
-
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
-    from megatron_mimo.compat.mcore import results_queue_across_fork
-
-    with tempfile.TemporaryDirectory() as directory:
-        state = {"x": ShardedTensor.from_rank_offsets("x", torch.arange(4.0))}
-        with results_queue_across_fork() if across_fork else contextlib.nullcontext():
-            request = dist_checkpointing.save(state, directory, async_sharded_save=True,
-                                              async_strategy="mcore")
-        calls = AsyncCallsQueue()
-        calls.schedule_async_request(request)
-        try:
-            calls.maybe_finalize_async_calls(blocking=True)
-        except BaseException as failure:  # torch's CheckpointException is a BaseException
-            raise RuntimeError(" ".join(str(failure).split())) from None
-        return sorted(p.name for p in Path(directory).iterdir())[0]
-
-
 def _view_written_in_place(alias: bool) -> bool:
     """Does megatron's writer keep a view of a bigger buffer as is (no copy in the loop)?"""
     import tempfile
@@ -180,13 +154,10 @@ def main() -> None:
     after = {name: _attempt(fn) for name, fn in checks.items()}
     import torch._dynamo
 
-    # call-site workaround results_queue_across_fork, with every process workaround applied
-    after["async_save_across_fork"] = _attempt(lambda: _async_save(across_fork=True))
     after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
     report = Report(
         before=before, after=after,
         view_in_place_without_alias=_attempt(lambda: _view_written_in_place(alias=False)),
-        async_save_without_fork_queue=_attempt(lambda: _async_save(across_fork=False)),
         applied=sorted(applied()),
         expected=sorted(w.name for w in process_workarounds(cpu=True)),
         reapply=apply_process_workarounds(cpu=True),
