@@ -48,9 +48,12 @@ FAILPOINTS: dict[str, Failpoint] = {
     "checkpoint.write_in_flight": Failpoint(
         "an async save's writer was just started, the training rank goes on: a rank dying here "
         "must take its writer with it and publish nothing (mode 15)", ("rank", "iteration")),
+    "checkpoint.stage_start": Failpoint(
+        "in the async writer thread, before it copies the tensors: the training must not "
+        "update them until the copy is taken (mode 15)", ("rank", "iteration")),
     "checkpoint.writer_start": Failpoint(
-        "in the async writer process, before it writes: a stalled writer keeps the save in "
-        "flight for as long as a test needs (mode 15)", ("rank", "iteration")),
+        "in the async writer thread, after the copy, before it writes: a stalled writer keeps "
+        "the save in flight for as long as a test needs (mode 15)", ("rank", "iteration")),
     "checkpoint.prune_moved_aside": Failpoint(
         "retention renamed an old checkpoint to .tmp_deleting_*, not deleted yet: a crash here "
         "must leave every remaining iter_* complete (mode 16)", ("iteration",)),

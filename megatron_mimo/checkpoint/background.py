@@ -1,20 +1,25 @@
-"""Background (async) checkpoint writes: a staged copy, written by a thread of the rank.
+"""Background (async) checkpoint writes: a staged copy, taken and written by a thread of the rank.
 
 ``dist_checkpointing.save(..., async_sharded_save=True)`` plans the save with every rank and
 returns an ``AsyncRequest``: megatron-core's write function (its multithreaded file writer), this
 rank's write buckets (files, items, tensors) and the finalisation steps (gather the write results,
-``.metadata``, then ours: common state, checksums, manifest, publish). What this module adds:
+``.metadata``, then ours: common state, checksums, manifest, publish). Everything but tensors
+(RNG states, loader and scheduler state) is serialised to bytes by the plan. What this module adds:
 
 - the snapshot is a copy of this rank's tensors into staging buffers kept from one save to the
-  next (allocated by the first save; pinned host memory for accelerator tensors). The loop waits
-  for one memory copy. A forked writer would make the fork the snapshot instead, but then every
-  page the training writes while the writer lives is copied on a fault: measured here at
-  ~1.3 s per GB of state, paid by the steps that follow the save, ~5x the copy;
-- the write runs in a thread of the rank, at a lower CPU priority on Linux (ranks and writers
-  share the cores), and hashes the files it wrote; it dies with its rank (no helper process, no
-  pickling, no queue across processes);
-- every rank's writer must be done before anything is published: one all-reduce over the
-  checkpoint group per poll, then the finalisation steps on every rank together.
+  next (allocated by the first save; pinned host memory for accelerator tensors). The writer
+  thread takes it while the loop runs the next forward and backward, which read the saved
+  tensors but do not change them; the loop waits for the copy (:meth:`BackgroundSaves.hold`)
+  only before its next update. A forked writer would make the fork the snapshot instead, but
+  then every page the training writes while the writer lives is copied on a fault: measured
+  here at ~1.3 s per GB of state, paid by the steps that follow the save, ~5x the copy;
+- the write runs in that thread, at a lower CPU priority on Linux (ranks and writers share the
+  cores), and hashes the files it wrote; it dies with its rank (no helper process, no pickling,
+  no queue across processes);
+- every rank's writer must be done before anything is published: the world agrees on that with
+  an all-reduce over the checkpoint group started by one poll and read by the next (one step
+  later, so the loop never waits for the slowest rank to reach it), then runs the finalisation
+  steps on every rank together.
 """
 
 from __future__ import annotations
@@ -117,43 +122,68 @@ class BackgroundSaves:
         self.staging = Staging()
         self.request: Any = None
         self.writer: threading.Thread | None = None
+        self.staged = threading.Event()
+        self.staged.set()
+        self.agreement: tuple[torch.Tensor, Any] | None = None
+        """The all-reduce of "writers still running" a poll started, read by the next."""
 
     @property
     def pending(self) -> bool:
         """A save was started and is not finalised yet (same answer on every rank)."""
         return self.request is not None
 
-    def start(self, request: Any) -> None:
-        """Copy this rank's tensors into the staging buffers, then write them in a thread."""
+    def start(self, request: Any, iteration: int) -> None:
+        """Start the thread that copies this rank's tensors into the staging buffers, then
+        writes them; the tensors must not change before :meth:`hold` returns."""
         self.request = request
         if request.async_fn is None:  # nothing to write on this rank
             return
-        rank, buckets, *rest = request.async_fn_args
-        args = (rank, self.staging.stage(buckets), *rest)
-        self.writer = threading.Thread(target=self._write, args=args, name=WRITER_NAME,
+        self.staged.clear()
+        self.writer = threading.Thread(target=self._write, args=(iteration,), name=WRITER_NAME,
                                        daemon=True)  # a failed job exits without waiting for it
         self.writer.start()
 
-    def _write(self, rank: int, buckets: list, results: Any, *rest: Any) -> None:
-        """The thread: megatron-core's writer reports its own failures through ``results``; any
-        other failure goes there too, so finalisation names it on every rank."""
+    def hold(self) -> None:
+        """Block until the pending save's copy of this rank's tensors is taken (call before
+        anything changes a saved tensor: the optimizer's update)."""
+        self.staged.wait()
+
+    def _write(self, iteration: int) -> None:
+        """The thread: megatron-core's writer reports its own failures through the results
+        queue; any other failure (the copy included) goes there too, so finalisation names it
+        on every rank."""
         _lower_priority()
+        rank, buckets, results, *rest = self.request.async_fn_args
         try:
-            self.request.async_fn(rank, buckets, results, *rest, **self.request.async_fn_kwargs)
+            try:
+                failpoints.hit("checkpoint.stage_start", rank=rank, iteration=iteration)
+                staged = self.staging.stage(buckets)
+            finally:
+                self.staged.set()
+            self.request.async_fn(rank, staged, results, *rest, **self.request.async_fn_kwargs)
         except Exception as error:  # noqa: BLE001 - reported at finalisation
             results.put(error)
 
     def poll(self) -> bool:
-        """Finalise the pending save if every rank's writer is done; one all-reduce."""
+        """Finalise the pending save if the agreement started by the previous poll says every
+        writer was done; else start a new one. Never waits for another rank: the previous
+        all-reduce was started by every rank a step ago."""
+        if self.agreement is not None:
+            running, work = self.agreement
+            work.wait()
+            self.agreement = None
+            if not running.item():
+                self._finalise()
+                return True
         running = torch.tensor([int(self.writer is not None and self.writer.is_alive())])
-        dist.all_reduce(running, group=self.group)
-        if running.item():
-            return False
-        self._finalise()
-        return True
+        self.agreement = (running, dist.all_reduce(running, group=self.group, async_op=True))
+        return False
 
     def wait(self) -> None:
         """Block until the pending save is written everywhere, then finalise it."""
+        if self.agreement is not None:  # every rank started it: finish it in the same order
+            self.agreement[1].wait()
+            self.agreement = None
         if self.writer is not None:
             self.writer.join()
         dist.barrier(group=self.group)
@@ -167,4 +197,5 @@ class BackgroundSaves:
     def abort(self) -> None:
         """Forget the pending save (the job failed): nothing is published. A writer still
         running is a daemon thread: it ends with the process, inside the staging directory."""
-        self.request, self.writer = None, None
+        self.request, self.writer, self.agreement = None, None, None
+        self.staged.set()

@@ -331,3 +331,16 @@ def check_trainable(manifest: dict[str, Any], frozen: list[str], loads_optimizer
     raise CheckpointError(f"the checkpoint was trained with {describe(saved)}, this run has "
                           f"{describe(frozen)}: its optimizer state belongs to the other set; "
                           f"resume with {flags}, or start the new stage with --finetune")
+
+
+def optimizer_meta(optimizer_sd: dict) -> dict[str, Any]:
+    """Per-branch non-tensor optimizer state as loaded (param groups, sharding type)."""
+    meta = {}
+    for branch, module_sd in optimizer_sd.items():
+        if not isinstance(module_sd, dict) or "optimizer" not in module_sd:
+            continue
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in module_sd["optimizer"].get("param_groups", [])]
+        meta[branch] = {"param_groups": groups,
+                        "param_state_sharding_type": module_sd.get("param_state_sharding_type")}
+    return meta

@@ -42,6 +42,7 @@ from megatron_mimo.checkpoint.contents import (
     check_trainable,
     frozen_modules,
     manifest_for,
+    optimizer_meta,
     sharded_state,
     summary,
 )
@@ -78,8 +79,8 @@ class CheckpointManager:
         """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
         self.seconds: dict[str, float] = collections.defaultdict(float)
         """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
-        inside save/poll/wait; 'state', 'keys', 'prepare', 'plan', 'write', 'stage', 'poll',
-        'publish', 'barrier', 'gather' split the saves, 'load.*' the loads."""
+        inside save/hold/poll/wait; 'state', 'keys', 'prepare', 'plan', 'write', 'start', 'hold',
+        'poll', 'publish', 'barrier', 'gather' split the saves, 'load.*' the loads."""
         self.last_fingerprint: str | None = None
         self.loaded_from: CheckpointConfig | None = None
         """Flags of the last load (--pretrained-checkpoint's has --finetune on)."""
@@ -159,8 +160,8 @@ class CheckpointManager:
             with self._timed("write"):  # and megatron's finalisation and our publish
                 self._finish(iteration, request.execute_sync)
         else:
-            with self._timed("stage"):  # the copy the writer thread writes from
-                self.background.start(request)
+            with self._timed("start"):  # the writer thread, which copies, then writes
+                self.background.start(request, iteration)
             self.pending_iteration = iteration
             failpoints.hit("checkpoint.write_in_flight", rank=dist.get_rank(), iteration=iteration)
         return storage.checkpoint_dir(root, iteration)
@@ -244,6 +245,13 @@ class CheckpointManager:
         if self.background is not None and self.background.pending:
             with self._timed("blocked"), self._timed("poll"):
                 self._finish(self.pending_iteration, self.background.poll)
+
+    def hold(self) -> None:
+        """Block until the pending async save (if any) holds its copy of this rank's tensors;
+        the training calls it before every update of the parameters or optimizer state."""
+        if self.background is not None and self.background.pending:
+            with self._timed("blocked"), self._timed("hold"):
+                self.background.hold()
 
     def wait(self) -> None:
         """Block until the pending async save (if any) is written and published."""
@@ -383,15 +391,3 @@ class CheckpointManager:
             logger.info("%s was saved by %d ranks, this job has %d: resharding", directory,
                         manifest["world_size"], self.topology.world_size)
 
-
-def optimizer_meta(optimizer_sd: dict) -> dict[str, Any]:
-    """Per-branch non-tensor optimizer state as loaded (param groups, sharding type)."""
-    meta = {}
-    for branch, module_sd in optimizer_sd.items():
-        if not isinstance(module_sd, dict) or "optimizer" not in module_sd:
-            continue
-        groups = [{k: v for k, v in g.items() if k != "params"}
-                  for g in module_sd["optimizer"].get("param_groups", [])]
-        meta[branch] = {"param_groups": groups,
-                        "param_state_sharding_type": module_sd.get("param_state_sharding_type")}
-    return meta

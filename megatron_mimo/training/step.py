@@ -8,13 +8,16 @@ A step, on every rank of the world, in this order:
 2. per-branch DP grad sync (DDP, summed), then one world all-reduce of the batch's
    :class:`~megatron_mimo.training.state.BatchSums` and every gradient scaled by
    1 / global token count (the loss is a mean over all tokens);
-3. ``MimoOptimizer.step()`` (world-agreed found-inf, grad norm, success);
+3. ``MimoOptimizer.step()`` (world-agreed found-inf, grad norm, success), the first thing that
+   changes the parameters or optimizer state: a background checkpoint save copies them while
+   1. and 2. run, and the step waits for that copy first (``before_update``);
 4. every branch's scheduler advances only if the world agreed the step succeeded.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,9 +40,10 @@ def world_sums(job: Job, local: torch.Tensor) -> BatchSums:
     return BatchSums.from_tensor(totals)
 
 
-def train_step(job: Job) -> StepResult:
+def train_step(job: Job, before_update: Callable[[], None] = lambda: None) -> StepResult:
     """One iteration on this rank, reading its part of the next global batch; every rank runs
-    the same world collectives in the same order. Its phase times come from ``job.timer``."""
+    the same world collectives in the same order. Its phase times come from ``job.timer``.
+    ``before_update`` runs right before the parameters and optimizer state change."""
     timer = job.timer
     timer.reset()
     ddp = job.branch_ddp
@@ -54,6 +58,7 @@ def train_step(job: Job) -> StepResult:
         num_tokens = int(sums.num_tokens)
         ddp.scale_gradients(1.0 / max(num_tokens, 1))
     with timer("optimizer"):
+        before_update()
         success, grad_norm, _ = job.optimizer.step()
     if success:
         job.schedulers.step()

@@ -92,7 +92,7 @@ class Trainer:
         """Train one iteration; return its metrics record (identical on every rank)."""
         start = time.perf_counter()
         batch = self.cfg.training.global_batch_size
-        result = train_step(self.job)
+        result = train_step(self.job, self.checkpoints.hold if self.checkpoints else lambda: None)
         self.state.advance(result, batch, self.job.num_parameters)
         self.last_result = result
         return iteration_record(self.state, result, self.job.schedulers.lrs(),

@@ -20,8 +20,9 @@ from megatron_mimo.checkpoint.background import WRITER_NAME
 from tests.workers.ckpt_layouts import TWO_RANKS, make_cfg
 
 SAVES = 5
-SLOW_WRITER = "checkpoint.writer_start=sleep(0.3)"
-"""Every writer waits before it writes; the loop steps meanwhile (a step here is ~0.1 s)."""
+SLOW_WRITER = "checkpoint.stage_start=sleep(0.3);checkpoint.writer_start=sleep(0.3)"
+"""Every writer waits before it copies the tensors and again before it writes (a step here is
+~0.1 s): an update before the copy, or a write from the live tensors, would be saved."""
 
 
 @dataclass
