@@ -119,28 +119,30 @@ def raw_floor(tensors: dict, root: Path) -> dict:
     return {"raw_write_fsync_s": seconds, "raw_bytes": directory_bytes(raw_dir)}
 
 
-def async_stall(trainer) -> dict:
-    """One async save while training continues: the loop's blocked time and the time until the
-    checkpoint is published."""
+def async_stall(trainer, background) -> dict:
+    """One async save while training continues: the loop's blocked time, how much slower the
+    steps run while the shards are written (what a snapshot costs outside the save call, e.g.
+    copy-on-write faults after a fork), and the time until the checkpoint is published.
+    ``background`` is kept across rounds, as a training run keeps it across saves."""
     import psutil
 
-    from megatron_mimo.checkpoint.background import BackgroundSaves
-
     manager = trainer.checkpoints
-    manager.background = BackgroundSaves()
+    manager.background = background
+    plain_step_s = world_max(timed(trainer.step))
     before = manager.seconds["blocked"]
     rss = psutil.Process().memory_info().rss
     start = time.perf_counter()
     trainer.save()
-    steps = 0
+    steps = []
     while manager.background.pending:
-        trainer.step()
+        steps.append(timed(trainer.step))
         manager.poll()
-        steps += 1
     published = time.perf_counter() - start
     manager.background = None
+    slower = world_max(sum(steps) / len(steps) - plain_step_s) if steps else 0.0
     return {"stall_s": world_max(manager.seconds["blocked"] - before),
-            "published_after_s": world_max(published), "steps_during_write": steps,
+            "step_s": plain_step_s, "step_slowdown_during_write_s": slower,
+            "published_after_s": world_max(published), "steps_during_write": len(steps),
             "rss_growth_after_publish_bytes": world_max(psutil.Process().memory_info().rss - rss)}
 
 
@@ -180,7 +182,7 @@ def clear(trainer) -> None:
     dist.barrier()
 
 
-def one_round(trainer, tensors: dict, root: Path, index: int) -> tuple[dict, dict]:
+def one_round(trainer, tensors: dict, root: Path, index: int, background) -> tuple[dict, dict]:
     """Our save and load and plain DCP's, in an order that alternates between rounds (neither
     always meets the warmer page cache), the checksum cost, then one async save while training
     goes on. Returns the figures and the seconds per phase per rank."""
@@ -218,18 +220,21 @@ def one_round(trainer, tensors: dict, root: Path, index: int) -> tuple[dict, dic
     got["checksum_s"] = checksum_cost(trainer)
     clear(trainer)
     stall: dict = {}
-    split["async"] = phases(trainer, lambda: stall.update(async_stall(trainer)))
+    split["async"] = phases(trainer, lambda: stall.update(async_stall(trainer, background)))
     got.update(stall)
     return {**got, **ratios(got)}, split
 
 
 def ratios(got: dict) -> dict:
-    """The targets' figures (higher is better for the first two, lower for the last two)."""
+    """The targets' figures (higher is better for the first two, lower for the rest). The loop
+    cost of an async save adds to its stall what the steps lost while the shards were written."""
     return {
         "save_vs_plain_dcp_throughput": (got["bytes"] / got["save_s"])
         / (got["plain_dcp_bytes"] / got["plain_dcp_save_s"]),
         "load_vs_plain_dcp_time": got["plain_dcp_load_s"] / got["load_s"],
         "async_stall_vs_sync_save": got["stall_s"] / got["save_s"],
+        "async_loop_cost_vs_sync_save": (got["stall_s"] + got["step_slowdown_during_write_s"]
+                                         * got["steps_during_write"]) / got["save_s"],
         "checksum_vs_save": got["checksum_s"] / got["save_s"],
     }
 
@@ -255,6 +260,7 @@ def measure(argv: list[str]) -> int:
     quiet_third_party()
     import torch.distributed as dist
 
+    from megatron_mimo.checkpoint.background import BackgroundSaves
     from megatron_mimo.config.cli import config_from_args
     from megatron_mimo.training.trainer import started_trainer
 
@@ -267,9 +273,10 @@ def measure(argv: list[str]) -> int:
     with started_trainer(cfg) as trainer:
         trainer.step()
         tensors = plain_tensors(trainer)
+        background = BackgroundSaves(trainer.checkpoints.group)
         measured, splits = [], []
         for index in range(rounds + 1):
-            figures, split = one_round(trainer, tensors, root, index)
+            figures, split = one_round(trainer, tensors, root, index, background)
             if dist.get_rank() == 0:
                 print(f"round {index}{' (warm-up)' if index == 0 else ''}: "
                       f"{json.dumps({k: round(v, 3) for k, v in figures.items()})}", flush=True)
