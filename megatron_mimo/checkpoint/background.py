@@ -108,10 +108,6 @@ class Staging:
                                  pin_memory=tensor.device.type != "cpu")
         return buffer
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
 
 class BackgroundSaves:
     """The pending async save of a rank: its request, its writer thread, and the world-wide
