@@ -7,8 +7,10 @@ and the assertion message carries the tail of each rank's log.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,10 +24,34 @@ from tests.workers.contract import decode
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+PORTS_PER_WORKER = 2000
+_next_port = itertools.count(random.randrange(PORTS_PER_WORKER))
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (where bind-to-0 and outgoing
+    connections draw from)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems: a port below it is as good
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A rendezvous port that no other process takes before rank 0 binds it: below the
+    ephemeral range, where the gloo connections of worlds running in parallel (pytest-xdist)
+    cannot land on it, in a block of its own per pytest worker; free when checked."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    top = ephemeral_low() - worker * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER):
+        port = top - 1 - next(_next_port) % PORTS_PER_WORKER
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or still in TIME_WAIT from an earlier world
+                continue
+            return port
+    raise RuntimeError(f"no free port in {top - PORTS_PER_WORKER}-{top - 1}")
 
 
 def _tail(path: Path, lines: int = 40) -> str:
