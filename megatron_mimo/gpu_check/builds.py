@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
@@ -55,17 +54,11 @@ def preset_config(preset: str, precision: str = "fp32") -> MimoConfig:
     return apply_overrides(get_preset(preset), fields)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def solo_world(runtime: Runtime) -> Iterator[ProcessGroupCollection]:
     """A one-rank world on ``runtime`` and the process groups of one branch covering it."""
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": "0"}  # the only rank binds any free port itself: nothing to race for
     with mock.patch.dict(os.environ, env):
         init_distributed(runtime)
     topology = build_topology([branch_spec("solo")])
