@@ -93,11 +93,10 @@ def _saves(root: str) -> tuple[Held, list[torch.Tensor]]:
 
 
 def _load_equals(root: str, at_save: list[torch.Tensor]) -> bool:
-    from tests.workers.ckpt_world import Run
+    from tests.workers.ckpt_world import Run, same_tensors
 
     run = Run(make_cfg(TWO_RANKS, {"checkpoint.load": root}))
     run.load()
     loaded = run.main_params()
     run.close()
-    return len(loaded) == len(at_save) > 0 and all(
-        torch.equal(a, b) for a, b in zip(at_save, loaded, strict=True))
+    return same_tensors(at_save, loaded)

@@ -254,6 +254,11 @@ class Run:
         self.trainer.close()
 
 
+def same_tensors(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Both lists hold tensors, the same ones bit for bit."""
+    return len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _same_adam(a: list[dict], b: list[dict]) -> bool:
     return len(a) == len(b) and all(
         x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b, strict=True))
@@ -325,8 +330,7 @@ def mode_resumed(args: dict) -> Resumed | Probed:
     saved_adam = torch.load(Path(root) / f"adam_rank{dist.get_rank()}.pt")
     saved_main = torch.load(Path(root) / f"main_rank{dist.get_rank()}.pt")
     loaded = dict(
-        branch=run.job.branch, main_params_equal=len(saved_main) > 0 and all(
-            torch.equal(a, b) for a, b in zip(saved_main, run.main_params(), strict=True)),
+        branch=run.job.branch, main_params_equal=same_tensors(saved_main, run.main_params()),
         main_param_dtypes=sorted({str(p.dtype) for p in saved_main}),
         model_dtypes=sorted({str(p.dtype) for p in run.job.branch_ddp.parameters()}),
         scaler_after_load=run.scaler_state(), iteration=run.state.iteration,
