@@ -44,6 +44,13 @@ def test_views_are_saved_without_a_copy_in_the_training_loop(report):
     assert report.after["view_in_place"] == Attempt(ok=True, value=True)
 
 
+def test_async_save_finalises_on_the_group_given(report):
+    # finalised_on: megatron's strategy finalises over the default group, which the loop uses
+    # while an async save's writer thread finalises; ours over the writers' own group
+    assert report.finalisation_group_stock == Attempt(ok=True, value="default")
+    assert report.after["finalisation_group"] == Attempt(ok=True, value="own")
+
+
 def test_every_process_workaround_applied_once(report):
     assert report.applied == report.expected and len(report.expected) == 10
     assert report.reapply == []

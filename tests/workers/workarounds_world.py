@@ -35,6 +35,8 @@ class Report:
     before: dict[str, Attempt]
     after: dict[str, Attempt]
     view_in_place_without_alias: Attempt
+    finalisation_group_stock: Attempt
+    """Which group megatron's own async save finalises on ('default' or 'own')."""
     applied: list[str]
     """Process workarounds applied in this process."""
     expected: list[str]
@@ -137,6 +139,38 @@ def _view_written_in_place(alias: bool) -> bool:
         return written.data_ptr() == buffer[4:12].data_ptr()
 
 
+def _finalisation_group(own: bool) -> str:
+    """The group an async save's finalisation gathers the write results over: 'default' for
+    megatron's strategy, 'own' for ``save_strategy_finalised_on(group)``."""
+    import tempfile
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    from torch.distributed.checkpoint.utils import _DistWrapper
+
+    from megatron_mimo.compat.mcore import save_strategy_finalised_on
+
+    group = dist.new_group(backend="gloo")
+    strategy = save_strategy_finalised_on(group) if own else TorchDistSaveShardedStrategy()
+    used = []
+    gather = _DistWrapper.gather_object
+
+    def recorded(self, obj):
+        used.append(self.group)
+        return gather(self, obj)
+
+    with tempfile.TemporaryDirectory() as directory:
+        state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0))}
+        request = strategy.async_save(state, Path(directory), "mcore")  # plans on the default
+        _DistWrapper.gather_object = recorded
+        try:
+            request.execute_sync()  # writes, then finalises
+        finally:
+            _DistWrapper.gather_object = gather
+            dist.destroy_process_group(group)
+    return "own" if used == [group] else "default" if used == [None] else repr(used)
+
+
 def main() -> None:
     quiet_third_party()
     result_path = Path(sys.argv[2])
@@ -155,9 +189,11 @@ def main() -> None:
     import torch._dynamo
 
     after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
+    after["finalisation_group"] = _attempt(lambda: _finalisation_group(own=True))
     report = Report(
         before=before, after=after,
         view_in_place_without_alias=_attempt(lambda: _view_written_in_place(alias=False)),
+        finalisation_group_stock=_attempt(lambda: _finalisation_group(own=False)),
         applied=sorted(applied()),
         expected=sorted(w.name for w in process_workarounds(cpu=True)),
         reapply=apply_process_workarounds(cpu=True),
