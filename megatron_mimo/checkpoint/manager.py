@@ -10,9 +10,7 @@ error naming it instead of a hang.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
-import datetime
 import hashlib
 import logging
 import time
@@ -20,20 +18,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingConfig
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-from megatron.core.dist_checkpointing.strategies.torch import (
-    TorchDistLoadShardedStrategy,
-    TorchDistSaveShardedStrategy,
-)
-from torch.distributed.checkpoint.api import CheckpointException as DcpCheckpointException
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
 from megatron_mimo import failpoints
-from megatron_mimo.checkpoint import integrity, retention, storage
+from megatron_mimo.checkpoint import integrity, storage
 from megatron_mimo.checkpoint.background import BackgroundSaves, with_checksums
 from megatron_mimo.checkpoint.contents import (
     Contents,
@@ -46,9 +40,10 @@ from megatron_mimo.checkpoint.contents import (
     sharded_state,
     summary,
 )
-from megatron_mimo.checkpoint.storage import describe_write_failure
+from megatron_mimo.checkpoint.coordination import Group, timed
+from megatron_mimo.checkpoint.publish import Publisher, write_now
 from megatron_mimo.compat import apply_process_workarounds
-from megatron_mimo.compat.mcore import views_saved_without_copy
+from megatron_mimo.compat.mcore import save_strategy_finalised_on, views_saved_without_copy
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.errors import CheckpointError
@@ -70,21 +65,25 @@ class CheckpointManager:
                  config: dict[str, Any], precision: str = "fp32") -> None:
         self.pieces, self.topology, self.ckpt, self.config = pieces, topology, ckpt, config
         self.precision = precision
-        self.timeout = datetime.timedelta(seconds=self.ckpt.ckpt_timeout_s)
-        self.group = dist.new_group(backend="gloo", timeout=self.timeout)
-        self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
+        inside save/hold/poll/wait; 'state', 'keys', 'prepare', 'plan', 'write', 'start', 'hold',
+        'poll', 'barrier', 'gather' split the saves (the writer thread's own collectives and
+        publishing are 'writer.*'), 'load.*' the loads."""
+        self.coordination = Group(ckpt.ckpt_timeout_s, self.seconds)
+        self.writers = Group(ckpt.ckpt_timeout_s, self.seconds, prefix="writer.")
+        self.group = self.coordination.pg
+        self.save_strategy = save_strategy_finalised_on(self.writers.pg)
+        self.publisher = Publisher(ckpt, self.writers, CheckpointingConfig(
+            self.save_strategy.backend, self.save_strategy.version))
         self.background = BackgroundSaves(self.group) if ckpt.async_save else None
         self.pending_iteration: int | None = None
         self.finished_by_wait: list[int] = []
         """Async saves whose writing the loop had to wait for (at exit or at the next save)."""
-        self.seconds: dict[str, float] = collections.defaultdict(float)
-        """Time this rank spent per phase (cumulative): 'blocked' is the training loop's stall
-        inside save/hold/poll/wait; 'state', 'keys', 'prepare', 'plan', 'write', 'start', 'hold',
-        'poll', 'publish', 'barrier', 'gather' split the saves, 'load.*' the loads."""
         self.last_fingerprint: str | None = None
         self.loaded_from: CheckpointConfig | None = None
         """Flags of the last load (--pretrained-checkpoint's has --finetune on)."""
-        self.last_save_seconds = self.last_load_seconds = 0.0
+        self.last_load_seconds = 0.0
         self.loaded_optimizer_meta: dict[str, Any] = {}
         apply_process_workarounds(cpu=False)  # save queue, Adam step on a resharding load
         if ckpt.save and dist.get_rank() == 0:
@@ -92,32 +91,33 @@ class CheckpointManager:
             if removed:
                 logger.info("removed leftovers of interrupted saves in %s: %s", ckpt.save, removed)
 
-    # -- coordination -------------------------------------------------------------------
-
     def _barrier(self, what: str) -> None:
-        try:
-            with self._timed("barrier"):
-                dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
-        except RuntimeError as error:
-            raise CheckpointError(f"{what}: not every rank arrived within "
-                                  f"{self.ckpt.ckpt_timeout_s} s ({error})") from error
+        self.coordination.barrier(what)
 
     def _exchange(self, what: str, value: Any) -> list[Any]:
         """All-gather a small Python value over the checkpoint group (bounded in time)."""
-        self._barrier(what)
-        values: list[Any] = [None] * dist.get_world_size()
-        with self._timed("gather"):
-            dist.all_gather_object(values, value, group=self.group)
-        return values
+        return self.coordination.exchange(what, value)
+
+    @property
+    def last_save_seconds(self) -> float:
+        """Seconds the last published save took, from its start to its publication."""
+        return self.publisher.last_seconds
+
+    def _timed(self, phase: str):
+        return timed(self.seconds, phase)
 
     def close(self, abort: bool = False) -> None:
-        """Finish the pending save (after a failure: kill its writers), drop the group."""
+        """Finish the pending save (after a failure: forget it), drop the groups."""
+        writing = self.background is not None and self.background.pending
         if self.background is not None:
             if abort:
                 self.background.abort()
             else:
                 self.wait()
-        dist.destroy_process_group(self.group)
+                self.background.close()
+        self.coordination.destroy()
+        if not (abort and writing):  # a writer thread may still be inside a collective there
+            self.writers.destroy()
 
     # -- save -----------------------------------------------------------------------------
 
@@ -145,26 +145,45 @@ class CheckpointManager:
                                 self.config, self.precision, summary(self.pieces))
         sharded["manifest"] = manifest
         sharded["config"] = self.config
-        staging = storage.staging_dir(root, iteration)
+        plan = partial(self._plan, sharded, iteration, first_of_structure, manifest, start)
+        finish = partial(self.publisher.finish, iteration)
+        if self.background is None:
+            request = plan()
+            with self._timed("write"):  # and the finalisation and our publish
+                outcome = finish(request, write_now(request))
+            self._completed(outcome)
+            return storage.checkpoint_dir(root, iteration)
+        if first_of_structure or not self._plan_is_cached():  # planning gathers over the world
+            planned = plan()
+            plan = lambda: planned  # noqa: E731
+        with self._timed("start"):  # the writer thread: (plan,) copy, write, finalise
+            self.background.start(plan, finish, iteration)
+        self.pending_iteration = iteration
+        failpoints.hit("checkpoint.write_in_flight", rank=dist.get_rank(), iteration=iteration)
+        return storage.checkpoint_dir(root, iteration)
+
+    def _plan_is_cached(self) -> bool:
+        """megatron's next plan reuses the cached one: no collective, so the writer thread may
+        make it (only tensor metadata is read; values are copied before :meth:`hold` returns)."""
+        strategy = self.save_strategy
+        return bool(strategy.validated_cache_reuse and strategy.cached_central_plan is not None)
+
+    def _plan(self, sharded: dict[str, Any], iteration: int, first_of_structure: bool,
+              manifest: dict[str, Any], start: float) -> Any:
+        """megatron's save request for ``sharded``: its write function and buckets, its
+        finalisation (on the writers' group), then :meth:`Publisher.publish`."""
+        staging = storage.staging_dir(self.ckpt.save, iteration)
         with self._timed("prepare"):
             sharded_part, common = save_preprocess(sharded,
                                                    validate_access_integrity=first_of_structure)
             views_saved_without_copy(sharded_part)
+            sharded_part["common_state"] = ShardedObject(  # as dist_checkpointing.save does
+                "common_state", {}, (1,), (0,), replica_id=dist.get_rank())
         with self._timed("plan"):
-            request = dist_checkpointing.save(
-                sharded_part, str(staging), sharded_strategy=self.save_strategy,
-                validate_access_integrity=False, async_sharded_save=True, async_strategy="mcore")
+            request = self.save_strategy.async_save(sharded_part, staging, async_strategy="mcore")
         request = with_checksums(request, staging, iteration)
-        request.add_finalize_fn(partial(self._publish, iteration, common, manifest, start))
-        if self.background is None:
-            with self._timed("write"):  # and megatron's finalisation and our publish
-                self._finish(iteration, request.execute_sync)
-        else:
-            with self._timed("start"):  # the writer thread, which copies, then writes
-                self.background.start(request, iteration)
-            self.pending_iteration = iteration
-            failpoints.hit("checkpoint.write_in_flight", rank=dist.get_rank(), iteration=iteration)
-        return storage.checkpoint_dir(root, iteration)
+        request.add_finalize_fn(partial(self.publisher.publish, iteration, common, manifest, start))
+        return request
 
     def _track_structure(self, sharded: dict[str, Any], agreed: tuple) -> bool:
         """The one exchange before a save: the world agrees on ``agreed`` (iteration, optimizer
@@ -182,69 +201,24 @@ class CheckpointManager:
         changed = self.last_fingerprint not in (None, fingerprint)
         if changed:
             logger.warning("sharded structure changed since the last save: dropping the cached save plan")
-            self.save_strategy = TorchDistSaveShardedStrategy(cached_metadata=True)
+            self.save_strategy = save_strategy_finalised_on(self.writers.pg)
         new = self.last_fingerprint != fingerprint
         self.last_fingerprint = fingerprint
         return new
 
-    def _publish(self, iteration: int, common: dict, manifest: dict[str, Any], start: float) -> None:
-        """Last finalisation step, after every rank's shards and megatron's metadata are written:
-        common state, checksums, manifest, rename, tracker, retention (rank 0); the world agrees
-        on the outcome so every rank fails the same way."""
-        failpoints.hit("checkpoint.before_publish", rank=dist.get_rank(), iteration=iteration)
-        self._barrier("checkpoint save: shards written")
-        root = Path(self.ckpt.save)
-        error = None
-        if dist.get_rank() == 0:
-            try:
-                with self._timed("publish"):
-                    self._write_and_publish(root, iteration, common, manifest)
-            except OSError as failure:
-                error = describe_write_failure(failure, root, iteration)
-        errors = [e for e in self._exchange("checkpoint save: publish", error) if e]
-        if errors:
-            raise CheckpointError(errors[0])
-        final = storage.checkpoint_dir(root, iteration)
-        self.last_save_seconds = time.perf_counter() - start
+    def _completed(self, outcome: str | None) -> None:
+        """The loop's side of a finished save: nothing pending; its agreed error raised."""
         self.pending_iteration = None
-        if dist.get_rank() == 0:
-            logger.info("saved checkpoint %s in %.2f s (%d bytes)", final, self.last_save_seconds,
-                        storage.directory_bytes(final))
-
-    def _write_and_publish(self, root: Path, iteration: int, common: dict,
-                           manifest: dict[str, Any]) -> None:
-        staging = storage.staging_dir(root, iteration)
-        torch.save(common, staging / "common.pt")
-        sums = integrity.collect_sidecars(staging)
-        unhashed = [p.name for p in staging.iterdir() if p.is_file() and p.name not in sums]
-        manifest["checksums"] = {**sums, **integrity.checksums(staging, unhashed)}
-        storage.write_manifest(staging, manifest)
-        storage.publish(root, iteration)
-        if self.ckpt.ckpt_keep_last:
-            retention.prune(root, self.ckpt.ckpt_keep_last)
-
-    def _finish(self, iteration: int, finalise) -> None:
-        """Run a write/finalisation step; any failure becomes one CheckpointError naming the
-        directory (the same on every rank)."""
-        try:
-            finalise()
-        except CheckpointError:
-            self.pending_iteration = None
-            raise
-        except (Exception, DcpCheckpointException) as failure:  # writer failures, wrapped
-            self.pending_iteration = None
-            root = Path(self.ckpt.save)
-            mine = describe_write_failure(failure, root, iteration)
-            messages = self._exchange("checkpoint save: failure", mine)
-            full = [m for m in messages if "disk is full" in m]
-            raise CheckpointError((full or [mine])[0]) from None
+        if outcome is not None:
+            raise CheckpointError(outcome)
 
     def poll(self) -> None:
-        """Publish the pending async save if every rank finished writing (call every iteration
-        on every rank: one small all-reduce while a save is pending, nothing otherwise)."""
+        """Finish the pending async save once every rank's writer is done (call every iteration
+        on every rank: one small all-reduce, started a step earlier, while a save is pending)."""
         if self.background is not None and self.background.pending:
             with self._timed("blocked"), self._timed("poll"):
-                self._finish(self.pending_iteration, self.background.poll)
+                if self.background.poll():
+                    self._completed(self.background.outcome)
 
     def hold(self) -> None:
         """Block until the pending async save (if any) holds its copy of this rank's tensors;
@@ -260,15 +234,8 @@ class CheckpointManager:
                         self.pending_iteration)
             self.finished_by_wait.append(self.pending_iteration)
             with self._timed("blocked"):
-                self._finish(self.pending_iteration, self.background.wait)
-
-    @contextlib.contextmanager
-    def _timed(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - start
+                self.background.wait()
+                self._completed(self.background.outcome)
 
     # -- load -----------------------------------------------------------------------------
 

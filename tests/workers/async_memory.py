@@ -37,7 +37,7 @@ class Held:
     pending: list[int]
     """1 while a save is not finalised."""
     helpers: list[int]
-    """Child processes and writer threads alive (a published save's writer has ended)."""
+    """Child processes and writer threads alive (one thread serves every save)."""
     steps_during_write: list[int]
     loads_as_saved: bool = False
     """The last checkpoint's main parameters, loaded by a new run, equal them at the save."""
