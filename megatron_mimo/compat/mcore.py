@@ -10,9 +10,12 @@ test that fails without it (``tests/distributed/test_workarounds_needed.py``,
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import queue
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -342,3 +345,27 @@ def save_strategy_finalised_on(group: Any):
                                                             async_strategy)
 
     return GroupFinalised(cached_metadata=True)
+
+
+@workaround(trigger="a torch_dist load of a checkpoint whose .metadata was already read",
+            remove_when="TorchDistLoadShardedStrategy.load accepts the checkpoint's metadata")
+@contextlib.contextmanager
+def metadata_read_once(directory: Any, metadata: Any) -> Iterator[Any]:
+    """A load strategy that takes ``directory``'s DCP metadata as read already.
+
+    Unpickling ``.metadata`` takes ~0.2 s at production size, and the checks before a load have
+    parsed it. megatron-core's loader takes no metadata, but its caching reader keeps a
+    process-wide cache keyed by the directory; it is seeded here and emptied afterwards (a later
+    checkpoint in the same directory must be read again)."""
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    cache = CachedMetadataFileSystemReader._metadata_cache
+    key = os.path.abspath(os.fspath(directory))
+    cache[key] = metadata
+    try:
+        yield TorchDistLoadShardedStrategy(cache_metadata=True)
+    finally:
+        cache.pop(key, None)

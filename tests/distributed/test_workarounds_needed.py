@@ -55,3 +55,10 @@ def test_every_process_workaround_applied_once(report):
     assert report.applied == report.expected and len(report.expected) == 10
     assert report.reapply == []
     assert report.dynamo_disabled is True
+
+
+def test_a_load_parses_the_metadata_the_checks_read_once(report):
+    # metadata_read_once: megatron's load parses .metadata again (~0.2 s at production size);
+    # given the checks' copy it parses none, and leaves no cache entry behind
+    assert report.metadata_reads_stock == Attempt(ok=True, value=[1, 0])
+    assert report.after["metadata_reads"] == Attempt(ok=True, value=[0, 0])

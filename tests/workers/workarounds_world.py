@@ -36,6 +36,8 @@ class Report:
     after: dict[str, Attempt]
     view_in_place_without_alias: Attempt
     finalisation_group_stock: Attempt
+    metadata_reads_stock: Attempt
+    """How often megatron's load parses a .metadata the caller has read already."""
     """Which group megatron's own async save finalises on ('default' or 'own')."""
     applied: list[str]
     """Process workarounds applied in this process."""
@@ -171,6 +173,47 @@ def _finalisation_group(own: bool) -> str:
     return "own" if used == [group] else "default" if used == [None] else repr(used)
 
 
+def _metadata_reads(reuse: bool) -> list:
+    """[.metadata parses during a load, cache entries left after it]: the load given the
+    metadata read before (``metadata_read_once``) or megatron's own strategy."""
+    import contextlib
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+        CachedMetadataFileSystemReader,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_mimo.compat.mcore import metadata_read_once
+
+    def state():
+        return {"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0))}
+
+    reads = []
+    parse = FileSystemReader.read_metadata
+
+    def counted(self, *args, **kwargs):
+        reads.append(1)
+        return parse(self, *args, **kwargs)
+
+    with tempfile.TemporaryDirectory() as directory:
+        dist_checkpointing.save(state(), directory)
+        torch.save({}, Path(directory) / "common.pt")  # as our saves: common state apart
+        metadata = FileSystemReader(directory).read_metadata()
+        chosen = (metadata_read_once(directory, metadata) if reuse
+                  else contextlib.nullcontext(TorchDistLoadShardedStrategy()))
+        FileSystemReader.read_metadata = counted
+        try:
+            with chosen as strategy:
+                dist_checkpointing.load(state(), directory, sharded_strategy=strategy)
+        finally:
+            FileSystemReader.read_metadata = parse
+    return [len(reads), len(CachedMetadataFileSystemReader._metadata_cache)]
+
+
 def main() -> None:
     quiet_third_party()
     result_path = Path(sys.argv[2])
@@ -190,10 +233,12 @@ def main() -> None:
 
     after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
     after["finalisation_group"] = _attempt(lambda: _finalisation_group(own=True))
+    after["metadata_reads"] = _attempt(lambda: _metadata_reads(reuse=True))
     report = Report(
         before=before, after=after,
         view_in_place_without_alias=_attempt(lambda: _view_written_in_place(alias=False)),
         finalisation_group_stock=_attempt(lambda: _finalisation_group(own=False)),
+        metadata_reads_stock=_attempt(lambda: _metadata_reads(reuse=False)),
         applied=sorted(applied()),
         expected=sorted(w.name for w in process_workarounds(cpu=True)),
         reapply=apply_process_workarounds(cpu=True),
