@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,27 @@ def problems(directory: Path, expected: dict[str, dict[str, Any]],
 def by_size(expected: dict[str, dict[str, Any]]) -> list[str]:
     """File names, largest first (the order :func:`share` deals them in)."""
     return sorted(expected, key=lambda name: (-expected[name]["bytes"], name))
+
+
+class Verification:
+    """:func:`problems` of some files, found by a thread while the caller goes on (the load
+    reads the shards meanwhile; hashing releases the GIL)."""
+
+    def __init__(self, directory: Path, expected: dict[str, dict[str, Any]],
+                 names: list[str]) -> None:
+        self.found: list[str] = []
+        self.thread = threading.Thread(target=self._run, args=(directory, expected, names),
+                                       name="checkpoint-verify", daemon=True)
+        self.thread.start()
+
+    def _run(self, directory: Path, expected: dict[str, dict[str, Any]], names: list[str]) -> None:
+        try:
+            self.found = problems(directory, expected, names)
+        except OSError as error:
+            self.found = [f"cannot read {getattr(error, 'filename', None) or directory} "
+                          f"to verify it ({error.strerror or error})"]
+
+    def result(self) -> list[str]:
+        """The problems found (waits for the thread)."""
+        self.thread.join()
+        return self.found

@@ -24,7 +24,6 @@ from megatron.core.dist_checkpointing.core import CheckpointingConfig
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedObject
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
 from megatron_mimo import failpoints
 from megatron_mimo.checkpoint import integrity, storage
@@ -43,7 +42,11 @@ from megatron_mimo.checkpoint.contents import (
 from megatron_mimo.checkpoint.coordination import Group, timed
 from megatron_mimo.checkpoint.publish import Publisher, write_now
 from megatron_mimo.compat import apply_process_workarounds
-from megatron_mimo.compat.mcore import save_strategy_finalised_on, views_saved_without_copy
+from megatron_mimo.compat.mcore import (
+    metadata_read_once,
+    save_strategy_finalised_on,
+    views_saved_without_copy,
+)
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.errors import CheckpointError
@@ -270,22 +273,23 @@ class CheckpointManager:
         with self._timed("load.check"):
             manifest = storage.read_manifest(directory)
             self._check_manifest(manifest, directory)
-            storage.check_files(directory)
-        if not self.ckpt.no_ckpt_verify:
-            with self._timed("load.verify"):
-                self._verify(directory, manifest)
+            metadata = storage.check_files(directory)
+        verifying = None if self.ckpt.no_ckpt_verify else self._verification(directory, manifest)
         with self._timed("load.plan"):
             contents = Contents.to_load(ckpt, manifest, self.topology, self.precision)
             check_trainable(manifest, frozen_modules(self.config), contents.optimizer)
             template = sharded_state(self.pieces, self.topology, contents, saving=False)
-        try:
-            with self._timed("load.read"):
+        loaded, failure = None, None
+        with self._timed("load.read"), metadata_read_once(directory, metadata) as strategy:
+            try:
                 loaded = dist_checkpointing.load(template, str(directory),
-                                                 sharded_strategy=TorchDistLoadShardedStrategy(),
+                                                 sharded_strategy=strategy,
                                                  validate_access_integrity=True)
-        except Exception as error:  # noqa: BLE001 - any failure here is a bad checkpoint
-            raise CheckpointError(f"{directory}: cannot load ({type(error).__name__}: "
-                                  f"{str(error)[:200]})") from error
+            except Exception as error:  # noqa: BLE001 - any failure here is a bad checkpoint
+                failure = (f"{directory}: cannot load ({type(error).__name__}: "
+                           f"{str(error)[:200]})")
+        with self._timed("load.verify"):  # before anything is applied
+            self._agree_on_files(verifying, failure)
         with self._timed("load.apply"):
             apply_loaded(self.pieces, loaded, contents, self.topology.my_branch)
         self.loaded_optimizer_meta = optimizer_meta(loaded.get("optimizer", {}))
@@ -331,21 +335,32 @@ class CheckpointManager:
         if errors:
             raise CheckpointError(errors[0])
 
-    def _verify(self, directory: Path, manifest: dict[str, Any]) -> None:
-        """Every file's checksum against the manifest; each rank reads its share of the files,
-        the world agrees on the problems (one error naming the first file, on every rank)."""
+    def _verification(self, directory: Path,
+                      manifest: dict[str, Any]) -> integrity.Verification | None:
+        """Start checking this rank's share of the files against the manifest's checksums (each
+        file is read by one rank), in a thread: the shards are read meanwhile."""
         expected = manifest.get("checksums")
         if expected is None:
             if dist.get_rank() == 0:
                 logger.warning("%s has no checksums (saved before they were added): not verified",
                                directory)
-            return
+            return None
         mine = integrity.share(integrity.by_size(expected), dist.get_rank(), dist.get_world_size())
-        found = sum(self._exchange("checkpoint load: checksums",
-                                   integrity.problems(directory, expected, mine)), [])
+        return integrity.Verification(directory, expected, mine)
+
+    def _agree_on_files(self, verifying: integrity.Verification | None,
+                        failure: str | None) -> None:
+        """The world agrees on the checksum problems and read failures of every rank; one error
+        naming the first damaged file (else the first failed read), on every rank."""
+        found = [] if verifying is None else verifying.result()
+        every = self._exchange("checkpoint load: checksums", (found, failure))
+        found = sum((problems for problems, _ in every), [])
         if found:
             more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
             raise CheckpointError(f"{found[0]}{more}; pass --no-ckpt-verify to load it anyway")
+        failures = [failed for _, failed in every if failed]
+        if failures:
+            raise CheckpointError(failures[0])
 
     def _check_manifest(self, manifest: dict[str, Any], directory: Path) -> None:
         """Warn on a megatron-core version change; log a world-size change (resharding)."""
