@@ -293,7 +293,6 @@ class CheckpointManager:
         with self._timed("load.apply"):
             apply_loaded(self.pieces, loaded, contents, self.topology.my_branch)
         self.loaded_optimizer_meta = optimizer_meta(loaded.get("optimizer", {}))
-        self._barrier("checkpoint load: done")
         self.last_load_seconds = time.perf_counter() - start
         if dist.get_rank() == 0:
             logger.info("loaded checkpoint %s (iteration %d) in %.2f s", directory, iteration,
