@@ -1,10 +1,12 @@
 """Every megatron-core workaround, named after its function, gated on its real trigger:
-``cpu.py`` (CPU only), ``mcore.py`` (any device), ``registry.py`` (how one is written down)."""
+``cpu.py`` (CPU only), ``mcore.py`` (any device), ``checkpointing.py`` (torch_dist save and load,
+any device), ``registry.py`` (how one is written down)."""
 
 from __future__ import annotations
 
 import logging
 
+from megatron_mimo.compat import checkpointing as _checkpointing_workarounds  # noqa: F401
 from megatron_mimo.compat import cpu as _cpu_workarounds  # noqa: F401 - fills the registry
 from megatron_mimo.compat import mcore as _mcore_workarounds  # noqa: F401
 from megatron_mimo.compat.registry import REGISTRY, Workaround, apply_all, unverified_warning

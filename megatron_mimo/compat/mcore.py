@@ -10,12 +10,9 @@ test that fails without it (``tests/distributed/test_workarounds_needed.py``,
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import os
 import queue
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -316,56 +313,3 @@ def apply_wrapper_free_keys(model_sharded: dict[str, Any]) -> dict[str, Any]:
             value.key = WRAPPER_LEVELS.sub(r"\1", key)
     return model_sharded
 
-
-@workaround(trigger="an async torch_dist save finalised outside the thread that planned it",
-            remove_when="TorchDistSaveShardedStrategy.async_save takes a process group")
-def finalised_on(group: Any, planned: tuple) -> tuple:
-    """``planned`` (megatron's ``save_state_dict_async_plan`` result: writer, metadata,
-    ``_DistWrapper``) with the wrapper's collectives moved to ``group``.
-
-    ``TorchDistSaveShardedStrategy.async_save`` plans with ``process_group=None``, so its
-    finalisation gathers the write results and broadcasts the outcome over the *default* group.
-    A background thread that finalises there would interleave its collectives with the training
-    loop's on the same group (a mismatch or a hang); on a group of its own it cannot."""
-    from torch.distributed.checkpoint.utils import _DistWrapper
-
-    storage_writer, metadata, wrapper = planned
-    return storage_writer, metadata, _DistWrapper(group, True, wrapper.coordinator_rank)
-
-
-def save_strategy_finalised_on(group: Any):
-    """megatron-core's torch_dist save strategy (plans cached across saves with the same
-    structure) whose async finalisation runs its collectives on ``group`` (see
-    :func:`finalised_on`)."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    class GroupFinalised(TorchDistSaveShardedStrategy):
-        def _get_save_and_finalize_callbacks(self, writer, planned, async_strategy):
-            return super()._get_save_and_finalize_callbacks(writer, finalised_on(group, planned),
-                                                            async_strategy)
-
-    return GroupFinalised(cached_metadata=True)
-
-
-@workaround(trigger="a torch_dist load of a checkpoint whose .metadata was already read",
-            remove_when="TorchDistLoadShardedStrategy.load accepts the checkpoint's metadata")
-@contextlib.contextmanager
-def metadata_read_once(directory: Any, metadata: Any) -> Iterator[Any]:
-    """A load strategy that takes ``directory``'s DCP metadata as read already.
-
-    Unpickling ``.metadata`` takes ~0.2 s at production size, and the checks before a load have
-    parsed it. megatron-core's loader takes no metadata, but its caching reader keeps a
-    process-wide cache keyed by the directory; it is seeded here and emptied afterwards (a later
-    checkpoint in the same directory must be read again)."""
-    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-        CachedMetadataFileSystemReader,
-    )
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-
-    cache = CachedMetadataFileSystemReader._metadata_cache
-    key = os.path.abspath(os.fspath(directory))
-    cache[key] = metadata
-    try:
-        yield TorchDistLoadShardedStrategy(cache_metadata=True)
-    finally:
-        cache.pop(key, None)

@@ -62,3 +62,12 @@ def test_a_load_parses_the_metadata_the_checks_read_once(report):
     # given the checks' copy it parses none, and leaves no cache entry behind
     assert report.metadata_reads_stock == Attempt(ok=True, value=[1, 0])
     assert report.after["metadata_reads"] == Attempt(ok=True, value=[0, 0])
+
+
+def test_the_writer_leaves_the_flush_to_the_checksums(report):
+    # write_unflushed: megatron's write function fsyncs each file itself, so hashing the files
+    # can only follow the flush; ours writes the same bytes and leaves the flush to the caller
+    stock, ours = report.fsyncs_in_write_stock, report.after["fsyncs_in_write"]
+    assert stock.ok and ours.ok, (stock, ours)
+    assert stock.value[0] == 1 and ours.value[0] == 0
+    assert ours.value[1] == stock.value[1]

@@ -107,14 +107,16 @@ def test_unverified_megatron_core_version_names_every_workaround():
 
 
 def test_every_workaround_is_recorded_on_its_function_under_its_name():
+    import megatron_mimo.compat.checkpointing as checkpointing_module
     import megatron_mimo.compat.cpu as cpu_module
     import megatron_mimo.compat.mcore as mcore_module
     from megatron_mimo.compat import ALL_WORKAROUNDS
     from megatron_mimo.compat.registry import NOT_REPORTED
 
-    assert len(ALL_WORKAROUNDS) == 20
+    assert len(ALL_WORKAROUNDS) == 21
     for record in ALL_WORKAROUNDS:
-        function = getattr(cpu_module, record.name, None) or getattr(mcore_module, record.name)
+        function = (getattr(cpu_module, record.name, None) or getattr(mcore_module, record.name, None)
+                    or getattr(checkpointing_module, record.name))
         assert function.workaround is record
         assert record.trigger and record.remove_when
         assert record.upstream == NOT_REPORTED or record.upstream.startswith("https://")

@@ -37,6 +37,8 @@ class Report:
     view_in_place_without_alias: Attempt
     finalisation_group_stock: Attempt
     metadata_reads_stock: Attempt
+    fsyncs_in_write_stock: Attempt
+    """[fsyncs inside megatron's write function, digest of the file it wrote]."""
     """How often megatron's load parses a .metadata the caller has read already."""
     """Which group megatron's own async save finalises on ('default' or 'own')."""
     applied: list[str]
@@ -150,7 +152,7 @@ def _finalisation_group(own: bool) -> str:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
     from torch.distributed.checkpoint.utils import _DistWrapper
 
-    from megatron_mimo.compat.mcore import save_strategy_finalised_on
+    from megatron_mimo.compat.checkpointing import save_strategy_finalised_on
 
     group = dist.new_group(backend="gloo")
     strategy = save_strategy_finalised_on(group) if own else TorchDistSaveShardedStrategy()
@@ -187,7 +189,7 @@ def _metadata_reads(reuse: bool) -> list:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megatron_mimo.compat.mcore import metadata_read_once
+    from megatron_mimo.compat.checkpointing import metadata_read_once
 
     def state():
         return {"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0))}
@@ -214,6 +216,40 @@ def _metadata_reads(reuse: bool) -> list:
     return [len(reads), len(CachedMetadataFileSystemReader._metadata_cache)]
 
 
+def _fsyncs_in_write(unflushed: bool) -> list:
+    """[fsync calls made while the shard file is written, xxh3 of the file]: megatron's write
+    function, or ``write_unflushed`` (which leaves the flush to the caller)."""
+    import os
+    import tempfile
+
+    import xxhash
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    from megatron_mimo.compat.checkpointing import write_unflushed
+
+    calls = []
+    fsync = os.fsync
+
+    def counted(descriptor):
+        calls.append(descriptor)
+        return fsync(descriptor)
+
+    with tempfile.TemporaryDirectory() as directory:
+        state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(64.0))}
+        request = TorchDistSaveShardedStrategy().async_save(state, Path(directory), "mcore")
+        os.fsync = counted
+        try:
+            if unflushed:
+                assert isinstance(write_unflushed(request.async_fn, request.async_fn_args[1]), dict)
+            else:
+                request.async_fn(*request.async_fn_args)
+        finally:
+            os.fsync = fsync
+        [shard] = Path(directory).glob("*.distcp")
+        return [len(calls), xxhash.xxh3_128(shard.read_bytes()).hexdigest()]
+
+
 def main() -> None:
     quiet_third_party()
     result_path = Path(sys.argv[2])
@@ -234,11 +270,13 @@ def main() -> None:
     after["view_in_place"] = _attempt(lambda: _view_written_in_place(alias=True))
     after["finalisation_group"] = _attempt(lambda: _finalisation_group(own=True))
     after["metadata_reads"] = _attempt(lambda: _metadata_reads(reuse=True))
+    after["fsyncs_in_write"] = _attempt(lambda: _fsyncs_in_write(unflushed=True))
     report = Report(
         before=before, after=after,
         view_in_place_without_alias=_attempt(lambda: _view_written_in_place(alias=False)),
         finalisation_group_stock=_attempt(lambda: _finalisation_group(own=False)),
         metadata_reads_stock=_attempt(lambda: _metadata_reads(reuse=False)),
+        fsyncs_in_write_stock=_attempt(lambda: _fsyncs_in_write(unflushed=False)),
         applied=sorted(applied()),
         expected=sorted(w.name for w in process_workarounds(cpu=True)),
         reapply=apply_process_workarounds(cpu=True),
