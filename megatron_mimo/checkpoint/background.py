@@ -31,6 +31,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -41,6 +42,7 @@ import torch.distributed as dist
 
 from megatron_mimo import failpoints
 from megatron_mimo.checkpoint import integrity
+from megatron_mimo.compat.checkpointing import write_unflushed
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +63,73 @@ def _lower_priority() -> None:
             logger.debug("could not lower the writer's priority: %s", error)
 
 
-def write_and_hash(write: Callable[..., None], directory: str, iteration: int, rank: int,
-                   write_buckets: list, results_queue: Any, *args: Any, **kwargs: Any) -> None:
-    """megatron-core's write function, then the checksums of the files it wrote (page cache)."""
+def write_and_hash(write: Callable[..., None], directory: str, iteration: int,
+                   seconds: dict[str, float], rank: int, write_buckets: list, results_queue: Any,
+                   *args: Any, **kwargs: Any) -> None:
+    """megatron-core's write function, then the checksums of the files it wrote (page cache),
+    taken while the disk flushes them (a thread fsyncs; hashing and flushing overlap)."""
     failpoints.hit("checkpoint.writer_start", rank=rank, iteration=iteration)
-    write(rank, write_buckets, results_queue, *args, **kwargs)
+    paths = [bucket[0] for bucket in write_buckets]
+    results = write_unflushed(write, write_buckets)
+    if results is None:  # a writer that flushes itself: hash afterwards
+        write(rank, write_buckets, results_queue, *args, **kwargs)
+        start = time.perf_counter()
+        _hash(directory, rank, paths, seconds)
+        seconds["writer.hash_exposed"] += time.perf_counter() - start
+        return
+    if not isinstance(results, Exception):
+        results = _flush_while_hashing(directory, rank, paths, seconds) or results
+    results_queue.put(results)  # what megatron's finalisation reads: results or the failure
+
+
+def _flush_while_hashing(directory: str, rank: int, paths: list[str],
+                         seconds: dict[str, float]) -> OSError | None:
+    """fsync ``paths`` in a thread while this one hashes them; the flush's failure, if any.
+    'writer.hash_exposed' is the part of the hash that outlasted the flush: what the checksums
+    add to the write."""
+    failures: list[OSError] = []
+    flushed_at: list[float] = []
+
+    def flush() -> None:
+        try:
+            for path in paths:
+                descriptor = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+        except OSError as error:
+            failures.append(error)
+        flushed_at.append(time.perf_counter())
+
+    start = time.perf_counter()
+    flusher = threading.Thread(target=flush, name="checkpoint-flush", daemon=True)
+    flusher.start()
+    _hash(directory, rank, paths, seconds)
+    hashed_at = time.perf_counter()
+    flusher.join()
+    seconds["writer.flush"] += flushed_at[0] - start
+    seconds["writer.hash_exposed"] += max(0.0, hashed_at - flushed_at[0])
+    return failures[0] if failures else None
+
+
+def _hash(directory: str, rank: int, paths: list[str], seconds: dict[str, float]) -> None:
+    start = time.perf_counter()
     try:
-        integrity.write_sidecar(Path(directory), rank, [bucket[0] for bucket in write_buckets])
+        integrity.write_sidecar(Path(directory), rank, paths)
     except OSError as error:  # a failed write (reported at finalisation), or the publishing
         logger.debug("could not hash the files written to %s: %s", directory, error)  # rank hashes
+    seconds["writer.hash"] += time.perf_counter() - start
 
 
-def with_checksums(request: Any, directory: Path, iteration: int) -> Any:
-    """``request`` whose write also hashes the files (nothing to do on a rank with no data)."""
+def with_checksums(request: Any, directory: Path, iteration: int,
+                   seconds: dict[str, float]) -> Any:
+    """``request`` whose write also hashes the files (nothing to do on a rank with no data);
+    the writer's hash and flush times go to ``seconds``."""
     if request.async_fn is None:
         return request
     return request._replace(async_fn=partial(write_and_hash, request.async_fn, str(directory),
-                                             iteration))
+                                             iteration, seconds))
 
 
 class Staging:

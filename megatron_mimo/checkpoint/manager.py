@@ -42,11 +42,8 @@ from megatron_mimo.checkpoint.contents import (
 from megatron_mimo.checkpoint.coordination import Group, timed
 from megatron_mimo.checkpoint.publish import Publisher, write_now
 from megatron_mimo.compat import apply_process_workarounds
-from megatron_mimo.compat.mcore import (
-    metadata_read_once,
-    save_strategy_finalised_on,
-    views_saved_without_copy,
-)
+from megatron_mimo.compat.checkpointing import metadata_read_once, save_strategy_finalised_on
+from megatron_mimo.compat.mcore import views_saved_without_copy
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
 from megatron_mimo.errors import CheckpointError
@@ -184,7 +181,7 @@ class CheckpointManager:
                 "common_state", {}, (1,), (0,), replica_id=dist.get_rank())
         with self._timed("plan"):
             request = self.save_strategy.async_save(sharded_part, staging, async_strategy="mcore")
-        request = with_checksums(request, staging, iteration)
+        request = with_checksums(request, staging, iteration, self.seconds)
         request.add_finalize_fn(partial(self.publisher.publish, iteration, common, manifest, start))
         return request
 

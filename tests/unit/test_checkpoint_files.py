@@ -1,5 +1,6 @@
 """Checkpoint files without a process group: retention choice, checksums, failure wording, flags."""
 
+import collections
 import errno
 
 import pytest
@@ -50,3 +51,33 @@ def test_checkpoint_flags():
     assert cfg.checkpoint.ckpt_keep_last == 3
     with pytest.raises(ConfigError, match="ckpt_keep_last must be >= 1, got 0"):
         config_from_args(["--ckpt-keep-last", "0"])
+
+
+def test_files_are_flushed_while_they_are_hashed(tmp_path, monkeypatch):
+    # the writer leaves fsync to _flush_while_hashing: every file must still be flushed, its
+    # checksum left for the publishing rank, and a failed flush reported (a save not durable)
+    import json
+    import os
+
+    from megatron_mimo.checkpoint import background
+
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"__0_{index}.distcp"
+        path.write_bytes(bytes(range(256)) * (index + 1))
+        paths.append(str(path))
+    flushed = []
+    monkeypatch.setattr(os, "fsync", lambda descriptor: flushed.append(descriptor))
+    seconds = collections.defaultdict(float)
+    assert background._flush_while_hashing(str(tmp_path), 0, paths, seconds) is None
+    assert len(flushed) == 2
+    side = json.loads((tmp_path / f"{integrity.SIDECAR_PREFIX}0.json").read_text())
+    assert side == integrity.checksums(tmp_path, [os.path.basename(p) for p in paths])
+    assert {"writer.hash", "writer.flush", "writer.hash_exposed"} <= set(seconds)
+
+    def broken(descriptor):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    failure = background._flush_while_hashing(str(tmp_path), 0, paths, seconds)
+    assert isinstance(failure, OSError) and failure.errno == errno.EIO
