@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,21 +45,7 @@ from megatron_mimo.compat.checkpointing import write_unflushed
 
 logger = logging.getLogger(__name__)
 
-WRITER_NICENESS = 10
-"""How much lower the writer thread's CPU priority is than its rank's. The training ranks and the
-writers share the cores; a rank still starting its own save, or stepping while the shards are
-written, must not wait for a writer (on 2 cores with 4 ranks, equal priority let the writers
-double one rank's share of the stall)."""
 WRITER_NAME = "checkpoint-writer"
-
-
-def _lower_priority() -> None:
-    """Lower this thread's CPU priority (Linux schedules threads one by one; elsewhere no-op)."""
-    if sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
-        except OSError as error:  # e.g. a seccomp profile without setpriority
-            logger.debug("could not lower the writer's priority: %s", error)
 
 
 def write_and_hash(write: Callable[..., None], directory: str, iteration: int,
@@ -213,7 +198,7 @@ class BackgroundSaves:
         self.staged.wait()
 
     def _serve(self) -> None:
-        _lower_priority()
+        integrity.lower_priority()
         while (job := self.jobs.get()) is not None:
             self._work(*job)
             job = None  # nothing of a finished save stays referenced until the next one
