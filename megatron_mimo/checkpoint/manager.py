@@ -91,12 +91,6 @@ class CheckpointManager:
             if removed:
                 logger.info("removed leftovers of interrupted saves in %s: %s", ckpt.save, removed)
 
-    def _barrier(self, what: str) -> None:
-        self.coordination.barrier(what)
-
-    def _exchange(self, what: str, value: Any) -> list[Any]:
-        """All-gather a small Python value over the checkpoint group (bounded in time)."""
-        return self.coordination.exchange(what, value)
 
     @property
     def last_save_seconds(self) -> float:
@@ -192,7 +186,7 @@ class CheckpointManager:
         is dropped and the access pattern validated again)."""
         with self._timed("keys"):
             mine = hashlib.sha256("\n".join(sharded_keys(sharded)).encode()).hexdigest()
-        values = self._exchange("checkpoint save: iteration and key set", (agreed, mine))
+        values = self.coordination.exchange("checkpoint save: iteration and key set", (agreed, mine))
         if any(v[0] != values[0][0] for v in values):
             by_rank = {rank: v[0] for rank, v in enumerate(values)}
             raise CheckpointError(f"checkpoint save: iteration and optimizer sharding: ranks "
@@ -248,7 +242,7 @@ class CheckpointManager:
             mine = ckpt.ckpt_step
         else:
             mine = storage.read_tracker(ckpt.load)
-        values = self._exchange("checkpoint load: iteration", mine)
+        values = self.coordination.exchange("checkpoint load: iteration", mine)
         found = [v for v in values if v is not None]
         if len(set(values)) > 1:
             logger.warning("ranks read different iterations to load %s; using the largest", values)
@@ -327,7 +321,7 @@ class CheckpointManager:
             except OSError as failure:
                 error = (f"cannot copy {load / storage.SIDECAR_DIRNAME} to {save} "
                          f"({type(failure).__name__}: {failure})")
-        errors = [e for e in self._exchange("checkpoint load: hf side files", error) if e]
+        errors = [e for e in self.coordination.exchange("checkpoint load: hf side files", error) if e]
         if errors:
             raise CheckpointError(errors[0])
 
@@ -349,7 +343,7 @@ class CheckpointManager:
         """The world agrees on the checksum problems and read failures of every rank; one error
         naming the first damaged file (else the first failed read), on every rank."""
         found = [] if verifying is None else verifying.result()
-        every = self._exchange("checkpoint load: checksums", (found, failure))
+        every = self.coordination.exchange("checkpoint load: checksums", (found, failure))
         found = sum((problems for problems, _ in every), [])
         if found:
             more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""

@@ -228,8 +228,8 @@ def test_a_load_carries_the_sidecar_to_another_save_root(tmp_path, monkeypatch):
 
     def carry(load, save):
         ckpt = CheckpointConfig(load=str(tmp_path / load), save=save and str(tmp_path / save))
-        fake = SimpleNamespace(ckpt=ckpt, _exchange=lambda what, value: exchanged.append(value)
-                               or [value])
+        group = SimpleNamespace(exchange=lambda what, value: exchanged.append(value) or [value])
+        fake = SimpleNamespace(ckpt=ckpt, coordination=group)
         manager.CheckpointManager._carry_sidecar(fake, Path(ckpt.load))
 
     carry("imported", None)
