@@ -117,6 +117,12 @@ def with_checksums(request: Any, directory: Path, iteration: int,
                                              iteration, seconds))
 
 
+def rank_device() -> int | None:
+    """This thread's accelerator device index (None without one): the writer thread takes its
+    rank's device, since megatron's finalisation allocates on the current device."""
+    return torch.accelerator.current_device_index() if torch.accelerator.is_available() else None
+
+
 class Staging:
     """Buffers that hold this rank's copy of the state being written, reused by every save with
     the same items (a structure change drops the buffers no longer written)."""
@@ -126,18 +132,19 @@ class Staging:
 
     def stage(self, write_buckets: list) -> list:
         """``write_buckets`` with every tensor replaced by its copy in a staging buffer."""
-        used, staged, on_device = {}, [], False
+        used, staged, devices = {}, [], set()
         for path, name, (bytes_data, tensor_data) in write_buckets:
             copies = []
             for item, tensor in tensor_data:
                 buffer = self._buffer(item.index, tensor)
                 buffer.copy_(tensor.detach(), non_blocking=True)
-                on_device |= tensor.device.type != "cpu"
+                if tensor.device.type != "cpu":
+                    devices.add(tensor.device)
                 used[item.index] = buffer
                 copies.append((item, buffer))
             staged.append((path, name, (bytes_data, copies)))
-        if on_device:  # the copies above are asynchronous device-to-host transfers
-            torch.accelerator.synchronize()
+        for device in devices:  # the copies above are asynchronous device-to-host transfers
+            torch.accelerator.synchronize(device)
         self.buffers = used
         return staged
 
@@ -184,8 +191,8 @@ class BackgroundSaves:
         agrees with every rank on the outcome and publishes. The saved tensors must not change
         before :meth:`hold` returns."""
         if self.thread is None:
-            self.thread = threading.Thread(target=self._serve, name=WRITER_NAME,
-                                           daemon=True)  # a failed job exits without it
+            self.thread = threading.Thread(target=self._serve, args=(rank_device(),),
+                                           name=WRITER_NAME, daemon=True)  # dies with the job
             self.thread.start()
         self.staged.clear()
         self.done.clear()
@@ -197,7 +204,9 @@ class BackgroundSaves:
         anything changes a saved tensor: the optimizer's update)."""
         self.staged.wait()
 
-    def _serve(self) -> None:
+    def _serve(self, device: int | None) -> None:
+        if device is not None:  # a new thread starts on device 0, whatever its rank's
+            torch.accelerator.set_device_index(device)
         integrity.lower_priority()
         while (job := self.jobs.get()) is not None:
             self._work(*job)

@@ -81,3 +81,29 @@ def test_files_are_flushed_while_they_are_hashed(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", broken)
     failure = background._flush_while_hashing(str(tmp_path), 0, paths, seconds)
     assert isinstance(failure, OSError) and failure.errno == errno.EIO
+
+
+def test_the_writer_thread_takes_its_rank_device(monkeypatch):
+    # a new thread starts on device 0 whatever its rank's: megatron's finalisation allocates on
+    # the current device, so the writer thread must take the device of the rank that started it
+    import threading
+
+    import torch
+
+    from megatron_mimo.checkpoint import background
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 3)
+    taken = []
+    monkeypatch.setattr(torch.accelerator, "set_device_index",
+                        lambda index: taken.append((index, threading.current_thread().name)))
+
+    def plan():
+        raise RuntimeError("no plan")
+
+    saves = background.BackgroundSaves(group=None)
+    saves.start(plan, lambda request, error: f"failed: {error}", iteration=1)
+    saves.done.wait(timeout=30)
+    saves.close()
+    assert taken == [(3, background.WRITER_NAME)]
+    assert saves.outcome == "failed: no plan"
