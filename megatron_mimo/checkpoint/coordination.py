@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +22,6 @@ from megatron_mimo.errors import CheckpointError
 @contextlib.contextmanager
 def timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
     """Add the time spent in the block to ``seconds[phase]``."""
-    import time
-
     start = time.perf_counter()
     try:
         yield
