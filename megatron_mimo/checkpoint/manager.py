@@ -41,8 +41,9 @@ from megatron_mimo.checkpoint.contents import (
 )
 from megatron_mimo.checkpoint.coordination import Group, timed
 from megatron_mimo.checkpoint.publish import Publisher, write_now
+from megatron_mimo.checkpoint.reader import readers
 from megatron_mimo.compat import apply_process_workarounds
-from megatron_mimo.compat.checkpointing import metadata_read_once, save_strategy_finalised_on
+from megatron_mimo.compat.checkpointing import read_by, save_strategy_finalised_on
 from megatron_mimo.compat.mcore import views_saved_without_copy
 from megatron_mimo.config.schema import CheckpointConfig
 from megatron_mimo.distributed.topology import Topology
@@ -271,7 +272,7 @@ class CheckpointManager:
             check_trainable(manifest, frozen_modules(self.config), contents.optimizer)
             template = sharded_state(self.pieces, self.topology, contents, saving=False)
         loaded, failure = None, None
-        with self._timed("load.read"), metadata_read_once(directory, metadata) as strategy:
+        with self._timed("load.read"), read_by(readers(directory, metadata)) as strategy:
             try:
                 loaded = dist_checkpointing.load(template, str(directory),
                                                  sharded_strategy=strategy,

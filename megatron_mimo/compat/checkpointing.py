@@ -5,8 +5,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from megatron_mimo.compat.registry import workaround
@@ -42,28 +41,29 @@ def save_strategy_finalised_on(group: Any):
     return GroupFinalised(cached_metadata=True)
 
 
-@workaround(trigger="a torch_dist load of a checkpoint whose .metadata was already read",
-            remove_when="TorchDistLoadShardedStrategy.load accepts the checkpoint's metadata")
+@workaround(trigger="a torch_dist load through a storage reader of our own",
+            remove_when="TorchDistLoadShardedStrategy.load accepts a storage reader")
 @contextlib.contextmanager
-def metadata_read_once(directory: Any, metadata: Any) -> Iterator[Any]:
-    """A load strategy that takes ``directory``'s DCP metadata as read already.
+def read_by(reader_for: Callable[[Any], Any]) -> Iterator[Any]:
+    """A load strategy whose loads read each checkpoint directory through ``reader_for(path)``.
 
-    Unpickling ``.metadata`` takes ~0.2 s at production size, and the checks before a load have
-    parsed it. megatron-core's loader takes no metadata, but its caching reader keeps a
-    process-wide cache keyed by the directory; it is seeded here and emptied afterwards (a later
-    checkpoint in the same directory must be read again)."""
-    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-        CachedMetadataFileSystemReader,
-    )
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    megatron-core's loader builds its DCP ``FileSystemReader`` itself, with no parameter to
+    pass another. Its reader parses ``.metadata`` again (~0.2 s per rank at production size,
+    after the checks before a load have parsed it) and reads every tensor through a temporary
+    copy. The module function that builds the reader is replaced while the strategy is used
+    (loads run in the training thread; the save writer never builds readers)."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategies
 
-    cache = CachedMetadataFileSystemReader._metadata_cache
-    key = os.path.abspath(os.fspath(directory))
-    cache[key] = metadata
+    original = strategies._get_filesystem_reader
+
+    def ours(checkpoint_dir: Any, cache_metadata: bool = False, async_strategy: str = "mcore"):
+        return reader_for(checkpoint_dir)
+
+    strategies._get_filesystem_reader = ours
     try:
-        yield TorchDistLoadShardedStrategy(cache_metadata=True)
+        yield strategies.TorchDistLoadShardedStrategy()
     finally:
-        cache.pop(key, None)
+        strategies._get_filesystem_reader = original
 
 
 @workaround(trigger="checksums of a torch_dist save's files, hashed while the disk flushes them",

@@ -36,11 +36,11 @@ class Report:
     after: dict[str, Attempt]
     view_in_place_without_alias: Attempt
     finalisation_group_stock: Attempt
+    """Which group megatron's own async save finalises on ('default' or 'own')."""
     metadata_reads_stock: Attempt
+    """[.metadata parses by megatron's load after the caller read it, tensors read in place]."""
     fsyncs_in_write_stock: Attempt
     """[fsyncs inside megatron's write function, digest of the file it wrote]."""
-    """How often megatron's load parses a .metadata the caller has read already."""
-    """Which group megatron's own async save finalises on ('default' or 'own')."""
     applied: list[str]
     """Process workarounds applied in this process."""
     expected: list[str]
@@ -176,25 +176,23 @@ def _finalisation_group(own: bool) -> str:
 
 
 def _metadata_reads(reuse: bool) -> list:
-    """[.metadata parses during a load, cache entries left after it]: the load given the
-    metadata read before (``metadata_read_once``) or megatron's own strategy."""
+    """[.metadata parses during a load, tensors read in place]: the load through ``read_by``
+    with our reader (given the metadata read before) or megatron's own strategy and reader."""
     import contextlib
     import tempfile
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-        CachedMetadataFileSystemReader,
-    )
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
     from torch.distributed.checkpoint import FileSystemReader
 
-    from megatron_mimo.compat.checkpointing import metadata_read_once
+    from megatron_mimo.checkpoint.reader import readers
+    from megatron_mimo.compat.checkpointing import read_by
 
     def state():
         return {"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0))}
 
-    reads = []
+    reads, made = [], []
     parse = FileSystemReader.read_metadata
 
     def counted(self, *args, **kwargs):
@@ -205,7 +203,12 @@ def _metadata_reads(reuse: bool) -> list:
         dist_checkpointing.save(state(), directory)
         torch.save({}, Path(directory) / "common.pt")  # as our saves: common state apart
         metadata = FileSystemReader(directory).read_metadata()
-        chosen = (metadata_read_once(directory, metadata) if reuse
+
+        def reader(path):
+            made.append(readers(directory, metadata)(path))
+            return made[-1]
+
+        chosen = (read_by(reader) if reuse
                   else contextlib.nullcontext(TorchDistLoadShardedStrategy()))
         FileSystemReader.read_metadata = counted
         try:
@@ -213,7 +216,7 @@ def _metadata_reads(reuse: bool) -> list:
                 dist_checkpointing.load(state(), directory, sharded_strategy=strategy)
         finally:
             FileSystemReader.read_metadata = parse
-    return [len(reads), len(CachedMetadataFileSystemReader._metadata_cache)]
+    return [len(reads), sum(r.in_place for r in made)]
 
 
 def _fsyncs_in_write(unflushed: bool) -> list:
