@@ -14,14 +14,13 @@ from typing import Any
 import torch
 import torch.utils.serialization
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.torch import (
-    TorchDistLoadShardedStrategy,
-    TorchDistSaveShardedStrategy,
-)
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.models.mimo import MimoModel
 
 from megatron_mimo.checkpoint import integrity, storage
 from megatron_mimo.checkpoint.contents import FORMAT
+from megatron_mimo.checkpoint.reader import readers
+from megatron_mimo.compat.checkpointing import read_by
 from megatron_mimo.config.layout import BRANCHES
 from megatron_mimo.config.schema import MimoConfig
 from megatron_mimo.convert.single import SINGLE_LAYOUT
@@ -98,9 +97,10 @@ def load_model(model: MimoModel, directory: Path, dtype: torch.dtype = torch.flo
                verify: bool = True) -> None:
     """Fill a model built on the meta device with a checkpoint's weights, in ``dtype``, at
     whatever layout it was saved (dist_checkpointing reshards); nothing but the model is read."""
+    metadata = None
     if verify:
         manifest = storage.read_manifest(directory)
-        storage.check_files(directory)
+        metadata = storage.check_files(directory)
         bad = integrity.problems(directory, manifest.get("checksums", {}),
                                  sorted(manifest.get("checksums", {})))
         if bad:
@@ -108,8 +108,9 @@ def load_model(model: MimoModel, directory: Path, dtype: torch.dtype = torch.flo
     empty = {name: torch.empty(p.shape, dtype=dtype) for name, p in model.named_parameters()}
     model.load_state_dict(empty, strict=False, assign=True)
     try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory),
-                                         sharded_strategy=TorchDistLoadShardedStrategy())
+        with read_by(readers(directory, metadata)) as strategy:
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()},
+                                             str(directory), sharded_strategy=strategy)
     except Exception as error:  # noqa: BLE001 - any failure here is a bad checkpoint
         raise CheckpointError(f"{directory}: cannot load the model ({type(error).__name__}: "
                               f"{str(error)[:200]})") from error
