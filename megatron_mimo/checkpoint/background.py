@@ -27,7 +27,6 @@ by the plan), the copy, the write, the finalisation. What this module adds:
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -40,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mimo import failpoints
-from megatron_mimo.checkpoint import integrity
+from megatron_mimo.checkpoint import integrity, storage
 from megatron_mimo.compat.checkpointing import write_unflushed
 
 logger = logging.getLogger(__name__)
@@ -78,11 +77,7 @@ def _flush_while_hashing(directory: str, rank: int, paths: list[str],
     def flush() -> None:
         try:
             for path in paths:
-                descriptor = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(descriptor)
-                finally:
-                    os.close(descriptor)
+                storage.fsync_path(path)
         except OSError as error:
             failures.append(error)
         flushed_at.append(time.perf_counter())

@@ -92,7 +92,6 @@ class CheckpointManager:
             if removed:
                 logger.info("removed leftovers of interrupted saves in %s: %s", ckpt.save, removed)
 
-
     @property
     def last_save_seconds(self) -> float:
         """Seconds the last published save took, from its start to its publication."""

@@ -62,7 +62,8 @@ def read_tracker(root: str | Path) -> int | None:
     return int(text)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path | str) -> None:
+    """fsync a file or directory by its path (a directory: the names in it are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,7 +79,7 @@ def write_atomic(path: Path, text: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def prepare_staging(root: str | Path, iteration: int) -> Path:
@@ -117,7 +118,7 @@ def carry_sidecar(load_root: str | Path, save_root: str | Path) -> bool:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(source, staging)
     os.replace(staging, target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return True
 
 
@@ -144,7 +145,7 @@ def publish(root: str | Path, iteration: int) -> Path:
         shutil.rmtree(old)
     else:
         os.replace(staging, final)
-    _fsync_dir(root)
+    fsync_path(root)
     write_atomic(root / TRACKER_FILENAME, f"{iteration}\n")
     return final
 
